@@ -1,0 +1,86 @@
+"""Catalog and run-config validation: bad input fails before any work, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from vlray.catalog import CatalogError, get_spec, load_catalog
+from vlray.config import ConfigError, load_config, validate_config
+
+from .conftest import small_config
+
+
+def test_builtin_catalog_has_the_embedded_default():
+    catalog = load_catalog()
+    for name in ("efficientnet_lite0", "minilm_l6", "efficientnet_lite0_random",
+                 "minilm_l6_random", "tiny_vit_random", "tiny_gpt2_random"):
+        assert name in catalog
+    assert catalog["efficientnet_lite0_random"].init == "random"
+    assert catalog["minilm_l6"].modality == "language"
+    assert not any(spec.trust_remote_code for spec in catalog.values())
+
+
+def test_unknown_model_lists_the_catalog():
+    with pytest.raises(CatalogError, match="unknown model 'resnet9000'.*efficientnet_lite0"):
+        get_spec("resnet9000")
+
+
+def test_user_catalog_adds_a_model_with_one_entry(tmp_path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"my_vit": {"modality": "vision", "source": "timm",
+                                               "id": "vit_tiny_patch16_224", "init": "random",
+                                               "pooling": ["cls"]}}))
+    assert load_catalog(path)["my_vit"].pooling == ["cls"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"modality": "smell", "source": "timm", "id": "x"}, "modality"),
+        ({"modality": "vision", "source": "timm", "id": "x", "pooling": ["max"]}, "pooling"),
+        ({"modality": "vision", "source": "ftp", "id": "x"}, "source"),
+        ({"modality": "vision", "source": "timm", "id": "x", "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_catalog_entry_names_model_and_field(tmp_path, entry, field):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"broken": entry}))
+    with pytest.raises(CatalogError, match=rf"model 'broken': field '{field}'"):
+        load_catalog(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"models": ["efficientnet_lite0", "no_such_model"]},
+         r"field 'models.1': unknown model 'no_such_model'"),
+        ({"extract": {"batch_size": 0}}, r"field 'extract.batch_size'"),
+        ({"extract": {"batch_sise": 8}}, r"field 'extract.batch_sise'"),
+        ({"datasets": [{"name": "s", "source": "shapes", "params": {"n_scens": 3}}]},
+         r"field 'datasets.0': unknown parameter 'n_scens'"),
+        ({"datasets": [{"name": "s", "source": "coco"}]}, r"field 'datasets.0': unknown source"),
+        ({"datasets": [{"name": "m", "source": "manifest", "params": {"manifest": "x.csv"}}]},
+         r"missing parameter 'root'"),
+        ({"datasets": []}, r"field 'datasets'"),
+    ],
+)
+def test_bad_config_names_the_field(change, message):
+    raw = {**small_config(["efficientnet_lite0"]), **change}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(raw, "config t.yaml")
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_demo_config_is_valid():
+    config = load_config("pipelines/configs/demo.yaml")
+    assert config.models == ["efficientnet_lite0", "efficientnet_lite0_random", "minilm_l6",
+                             "minilm_l6_random"]

