@@ -13,8 +13,13 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 
 # A small shapes world: every role and perturbation, few rows.
-SMALL_WORLD = {"seed": 0, "n_scenes": 4, "exemplars_per_concept": 8, "captions_per_image": 1,
-               "sentences_per_concept": 2}
+SMALL_WORLD = {
+    "seed": 0,
+    "n_scenes": 4,
+    "exemplars_per_concept": 8,
+    "captions_per_image": 1,
+    "sentences_per_concept": 2,
+}
 # Real pretrained weights on the vision side; tiny random configs cover CLS, mean, last-token.
 LAKE_MODELS = ["efficientnet_lite0", "minilm_l6", "tiny_vit_random", "tiny_gpt2_random"]
 
@@ -22,8 +27,7 @@ LAKE_MODELS = ["efficientnet_lite0", "minilm_l6", "tiny_vit_random", "tiny_gpt2_
 @pytest.fixture(scope="session")
 def ray_session():
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

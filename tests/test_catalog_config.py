@@ -13,8 +13,14 @@ from .conftest import small_config
 
 def test_builtin_catalog_has_the_embedded_default():
     catalog = load_catalog()
-    for name in ("efficientnet_lite0", "minilm_l6", "efficientnet_lite0_random",
-                 "minilm_l6_random", "tiny_vit_random", "tiny_gpt2_random"):
+    for name in (
+        "efficientnet_lite0",
+        "minilm_l6",
+        "efficientnet_lite0_random",
+        "minilm_l6_random",
+        "tiny_vit_random",
+        "tiny_gpt2_random",
+    ):
         assert name in catalog
     assert catalog["efficientnet_lite0_random"].init == "random"
     assert catalog["minilm_l6"].modality == "language"
@@ -28,9 +34,19 @@ def test_unknown_model_lists_the_catalog():
 
 def test_user_catalog_adds_a_model_with_one_entry(tmp_path):
     path = tmp_path / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"my_vit": {"modality": "vision", "source": "timm",
-                                               "id": "vit_tiny_patch16_224", "init": "random",
-                                               "pooling": ["cls"]}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "my_vit": {
+                    "modality": "vision",
+                    "source": "timm",
+                    "id": "vit_tiny_patch16_224",
+                    "init": "random",
+                    "pooling": ["cls"],
+                }
+            }
+        )
+    )
     assert load_catalog(path)["my_vit"].pooling == ["cls"]
 
 
@@ -53,15 +69,21 @@ def test_bad_catalog_entry_names_model_and_field(tmp_path, entry, field):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"models": ["efficientnet_lite0", "no_such_model"]},
-         r"field 'models.1': unknown model 'no_such_model'"),
+        (
+            {"models": ["efficientnet_lite0", "no_such_model"]},
+            r"field 'models.1': unknown model 'no_such_model'",
+        ),
         ({"extract": {"batch_size": 0}}, r"field 'extract.batch_size'"),
         ({"extract": {"batch_sise": 8}}, r"field 'extract.batch_sise'"),
-        ({"datasets": [{"name": "s", "source": "shapes", "params": {"n_scens": 3}}]},
-         r"field 'datasets.0': unknown parameter 'n_scens'"),
+        (
+            {"datasets": [{"name": "s", "source": "shapes", "params": {"n_scens": 3}}]},
+            r"field 'datasets.0': unknown parameter 'n_scens'",
+        ),
         ({"datasets": [{"name": "s", "source": "coco"}]}, r"field 'datasets.0': unknown source"),
-        ({"datasets": [{"name": "m", "source": "manifest", "params": {"manifest": "x.csv"}}]},
-         r"missing parameter 'root'"),
+        (
+            {"datasets": [{"name": "m", "source": "manifest", "params": {"manifest": "x.csv"}}]},
+            r"missing parameter 'root'",
+        ),
         ({"datasets": []}, r"field 'datasets'"),
     ],
 )
@@ -82,5 +104,9 @@ def test_config_file_errors_name_the_file(tmp_path):
 
 def test_demo_config_is_valid():
     config = load_config("pipelines/configs/demo.yaml")
-    assert config.models == ["efficientnet_lite0", "efficientnet_lite0_random", "minilm_l6",
-                             "minilm_l6_random"]
+    assert config.models == [
+        "efficientnet_lite0",
+        "efficientnet_lite0_random",
+        "minilm_l6",
+        "minilm_l6_random",
+    ]

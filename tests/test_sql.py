@@ -35,18 +35,29 @@ def test_rows_per_model_layer(small_lake):
 def test_concept_means_average_every_exemplar(small_lake):
     lake, _ = small_lake
     con = connect(lake)
-    image = run_query(con, named_query("concept_means"),
-                      {"model": "efficientnet_lite0", "layer": 8, "pooling": "mean"}).to_pylist()
+    image = run_query(
+        con,
+        named_query("concept_means"),
+        {"model": "efficientnet_lite0", "layer": 8, "pooling": "mean"},
+    ).to_pylist()
     assert len(image) == 24 and {r["exemplars"] for r in image} == {8}
-    text = run_query(con, named_query("concept_means"),
-                     {"model": "minilm_l6", "layer": 6, "pooling": "mean"}).to_pylist()
+    text = run_query(
+        con, named_query("concept_means"), {"model": "minilm_l6", "layer": 6, "pooling": "mean"}
+    ).to_pylist()
     assert len(text) == 24 and {r["exemplars"] for r in text} == {2}  # sentences per concept
     # The mean really is the mean: recompute one concept by hand.
-    rows = run_query(con, """
+    rows = (
+        run_query(
+            con,
+            """
         SELECT e.embedding FROM embeddings e JOIN items i USING (dataset, item_id, modality,
         perturbation) WHERE e.model = 'efficientnet_lite0' AND e.layer = 8 AND e.pooling = 'mean'
         AND i.role = 'exemplar' AND i.concept = $c AND e.perturbation = 'none'""",
-                     {"c": image[0]["concept"]}).column("embedding").to_pylist()
+            {"c": image[0]["concept"]},
+        )
+        .column("embedding")
+        .to_pylist()
+    )
     import numpy as np
 
     np.testing.assert_allclose(image[0]["mean_embedding"], np.mean(rows, axis=0), atol=1e-5)
@@ -54,21 +65,32 @@ def test_concept_means_average_every_exemplar(small_lake):
 
 def test_nearest_neighbours_are_sorted(small_lake):
     lake, _ = small_lake
-    rows = run_query(connect(lake), named_query("nearest_neighbours"),
-                     {"dataset": "shapes", "model": "minilm_l6", "layer": 6, "pooling": "mean",
-                      "item_id": "ex-red-circle-000#c0"}).to_pylist()
+    rows = run_query(
+        connect(lake),
+        named_query("nearest_neighbours"),
+        {
+            "dataset": "shapes",
+            "model": "minilm_l6",
+            "layer": 6,
+            "pooling": "mean",
+            "item_id": "ex-red-circle-000#c0",
+        },
+    ).to_pylist()
     assert len(rows) == 10
     cos = [r["cosine"] for r in rows]
     assert cos == sorted(cos, reverse=True) and all(-1.0001 <= c <= 1.0001 for c in cos)
 
 
-@pytest.mark.parametrize("statement", [
-    "COPY (SELECT 1) TO '/tmp/vlray-should-not-exist.csv'",
-    "ATTACH '/tmp/vlray-x.db' AS x",
-    "INSTALL httpfs",
-    "CREATE TABLE t AS SELECT 1",
-    "SELECT 1; DROP VIEW items",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "COPY (SELECT 1) TO '/tmp/vlray-should-not-exist.csv'",
+        "ATTACH '/tmp/vlray-x.db' AS x",
+        "INSTALL httpfs",
+        "CREATE TABLE t AS SELECT 1",
+        "SELECT 1; DROP VIEW items",
+    ],
+)
 def test_read_only_refuses_writes(small_lake, statement):
     lake, _ = small_lake
     with pytest.raises(QueryError, match="read-only"):
@@ -100,8 +122,10 @@ def test_a_query_on_one_model_reads_only_that_models_files(small_lake, tmp_path)
         with open(f, "wb") as fh:
             fh.write(b"this is not parquet")
     con = connect(str(copy))
-    n = run_query(con, "SELECT count(*) AS n FROM embeddings WHERE model = 'minilm_l6' "
-                       "AND perturbation = 'none'").to_pylist()[0]["n"]
+    n = run_query(
+        con,
+        "SELECT count(*) AS n FROM embeddings WHERE model = 'minilm_l6' AND perturbation = 'none'",
+    ).to_pylist()[0]["n"]
     assert n > 0
     with pytest.raises(QueryError):
         run_query(con, "SELECT count(*) FROM embeddings WHERE model = 'tiny_vit_random'")

@@ -26,8 +26,9 @@ def user_dataset(tmp_path_factory):
     def add(item_id, name, data, caption="a picture of some noise"):
         if data is not None:
             (root / "img" / name).write_bytes(data)
-        rows.append({"item_id": item_id, "image": f"img/{name}", "caption": caption,
-                     "concept": "noise"})
+        rows.append(
+            {"item_id": item_id, "image": f"img/{name}", "caption": caption, "concept": "noise"}
+        )
 
     for i in range(6):
         add(f"good-{i}", f"good-{i}.png", encode(noisy(seed=i), "PNG"), f"noise number {i}")
@@ -65,8 +66,19 @@ EXPECTED = {  # item_id -> (modality, stage, words in the reason)
 def user_lake(ray_session, user_dataset, tmp_path_factory):
     manifest, root, _ = user_dataset
     lake = str(tmp_path_factory.mktemp("user") / "lake")
-    code = main(["extract", "--manifest", str(manifest), "--root", str(root),
-                 "--models", "tiny_vit_random,tiny_gpt2_random", "--lake", lake])
+    code = main(
+        [
+            "extract",
+            "--manifest",
+            str(manifest),
+            "--root",
+            str(root),
+            "--models",
+            "tiny_vit_random,tiny_gpt2_random",
+            "--lake",
+            lake,
+        ]
+    )
     assert code == 0
     return lake
 
@@ -87,11 +99,17 @@ def test_bad_rows_are_quarantined_with_a_reason(user_lake):
 
 
 def test_odd_modes_are_converted_and_embedded(user_lake):
-    got = run_query(connect(user_lake), """
+    got = (
+        run_query(
+            connect(user_lake),
+            """
         SELECT DISTINCT item_id FROM embeddings WHERE model = 'tiny_vit_random'
-    """).column("item_id").to_pylist()
-    assert {"cmyk", "sixteen-bit", "palette-alpha", "good-0", "good-5",
-            "empty-caption"} <= set(got)
+    """,
+        )
+        .column("item_id")
+        .to_pylist()
+    )
+    assert {"cmyk", "sixteen-bit", "palette-alpha", "good-0", "good-5", "empty-caption"} <= set(got)
     assert not set(got) & {k for k, v in EXPECTED.items() if v[0] == "image"}
 
 
@@ -102,18 +120,33 @@ def test_rows_in_equal_rows_written_plus_quarantined(user_lake, user_dataset):
     assert {r["model"] for r in acc} == {"tiny_vit_random", "tiny_gpt2_random"}
     assert all(r["balanced"] for r in acc)
     for modality in ("image", "text"):
-        items = run_query(con, "SELECT count(*) AS n FROM items WHERE modality = $m",
-                          {"m": modality}).to_pylist()[0]["n"]
-        refused = run_query(con, "SELECT count(DISTINCT item_id) AS n FROM quarantine "
-                                 "WHERE modality = $m AND model IS NULL",
-                            {"m": modality}).to_pylist()[0]["n"]
+        items = run_query(
+            con, "SELECT count(*) AS n FROM items WHERE modality = $m", {"m": modality}
+        ).to_pylist()[0]["n"]
+        refused = run_query(
+            con,
+            "SELECT count(DISTINCT item_id) AS n FROM quarantine "
+            "WHERE modality = $m AND model IS NULL",
+            {"m": modality},
+        ).to_pylist()[0]["n"]
         assert items + refused == len(manifest_rows)
 
 
 def test_one_more_model_computes_only_that_model(user_lake, user_dataset, capsys):
     manifest, root, _ = user_dataset
-    code = main(["extract", "--manifest", str(manifest), "--root", str(root),
-                 "--models", "tiny_vit_random,tiny_gpt2_random,minilm_l6", "--lake", user_lake])
+    code = main(
+        [
+            "extract",
+            "--manifest",
+            str(manifest),
+            "--root",
+            str(root),
+            "--models",
+            "tiny_vit_random,tiny_gpt2_random,minilm_l6",
+            "--lake",
+            user_lake,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("up to date") == 2
@@ -123,8 +156,19 @@ def test_one_more_model_computes_only_that_model(user_lake, user_dataset, capsys
 def test_unknown_model_fails_before_any_work(user_dataset, tmp_path, capsys):
     manifest, root, _ = user_dataset
     lake = tmp_path / "lake"
-    code = main(["extract", "--manifest", str(manifest), "--root", str(root),
-                 "--models", "tiny_vit_random,resnet9000", "--lake", str(lake)])
+    code = main(
+        [
+            "extract",
+            "--manifest",
+            str(manifest),
+            "--root",
+            str(root),
+            "--models",
+            "tiny_vit_random,resnet9000",
+            "--lake",
+            str(lake),
+        ]
+    )
     assert code == 2
     assert "field 'models.1': unknown model 'resnet9000'" in capsys.readouterr().err
     assert not lake.exists()

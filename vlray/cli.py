@@ -26,8 +26,13 @@ def _manifest_config(args: argparse.Namespace) -> dict:
         raise ValueError("--manifest needs --root DIR and --models NAME,NAME")
     name = args.dataset or Path(args.manifest).stem
     return {
-        "datasets": [{"name": name, "source": "manifest",
-                      "params": {"manifest": args.manifest, "root": args.root}}],
+        "datasets": [
+            {
+                "name": name,
+                "source": "manifest",
+                "params": {"manifest": args.manifest, "root": args.root},
+            }
+        ],
         "models": [m.strip() for m in args.models.split(",") if m.strip()],
     }
 
@@ -40,8 +45,9 @@ def _load_run_config(args: argparse.Namespace):
     if args.config:
         config = load_config(args.config)
         if args.models:
-            config = validate_config({**config.model_dump(), "models": args.models.split(",")},
-                                     f"config {args.config}")
+            config = validate_config(
+                {**config.model_dump(), "models": args.models.split(",")}, f"config {args.config}"
+            )
         return config
     if args.manifest:
         return validate_config(_manifest_config(args), "command line")
@@ -74,8 +80,13 @@ def _print_table(table, fmt: str, max_rows: int) -> None:
     else:
         import polars as pl
 
-        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160,
-                       fmt_table_cell_list_len=4):
+        with pl.Config(
+            tbl_rows=max_rows,
+            tbl_cols=-1,
+            fmt_str_lengths=60,
+            tbl_width_chars=160,
+            fmt_table_cell_list_len=4,
+        ):
             print(pl.from_arrow(table) if table.num_columns else "(no rows)")
 
 
@@ -92,8 +103,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
             raise ValueError(f"--param expects KEY=VALUE, got '{p}'")
         params[key] = value
     con = connect(args.lake)
-    _print_table(run_query(con, query, params, allow_write=args.allow_write), args.format,
-                 args.max_rows)
+    _print_table(
+        run_query(con, query, params, allow_write=args.allow_write), args.format, args.max_rows
+    )
     return 0
 
 
@@ -112,20 +124,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_extract(config, str(lake))
     print("\n".join(summary.lines()))
     con = connect(str(lake))
-    print("\nWhat the lake holds (vlray sql --lake {} --file rows_per_model_layer):".format(lake))
-    overview = run_query(con, """
+    print(f"\nWhat the lake holds (vlray sql --lake {lake} --file rows_per_model_layer):")
+    overview = run_query(
+        con,
+        """
         SELECT model, modality, count(DISTINCT perturbation) AS perturbations,
                count(DISTINCT layer) AS layers, count(DISTINCT item_id) AS items,
                count(*) AS rows, min(len(embedding)) AS min_dim, max(len(embedding)) AS max_dim
-        FROM embeddings GROUP BY ALL ORDER BY modality DESC, model""")
+        FROM embeddings GROUP BY ALL ORDER BY modality DESC, model""",
+    )
     _print_table(overview, "table", 20)
-    print("\nBookkeeping (vlray sql --lake {} --file accounting):".format(lake))
+    print(f"\nBookkeeping (vlray sql --lake {lake} --file accounting):")
     acc = run_query(con, named_query("accounting"))
     balanced = all(acc.column("balanced").to_pylist())
-    print(f"  {acc.num_rows} (model, perturbation) partitions; rows in = embedded + "
-          f"quarantined in every one: {balanced}")
-    print(f"\nTry: vlray sql --lake {lake} \"SELECT model, layer, count(*) FROM embeddings "
-          "GROUP BY ALL ORDER BY ALL\"")
+    print(
+        f"  {acc.num_rows} (model, perturbation) partitions; rows in = embedded + "
+        f"quarantined in every one: {balanced}"
+    )
+    print(
+        f'\nTry: vlray sql --lake {lake} "SELECT model, layer, count(*) FROM embeddings '
+        'GROUP BY ALL ORDER BY ALL"'
+    )
     return 0 if balanced else 1
 
 
@@ -157,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--param", action="append", help="query parameter KEY=VALUE ($KEY in SQL)")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
-    sql.add_argument("--allow-write", action="store_true",
-                     help="also run statements that write files or change settings")
+    sql.add_argument(
+        "--allow-write",
+        action="store_true",
+        help="also run statements that write files or change settings",
+    )
     sql.set_defaults(func=cmd_sql)
     return parser
 

@@ -75,8 +75,10 @@ def validate_config(raw: dict, where: str) -> RunConfig:
         raise ConfigError(f"{where}: field 'catalog': {err}") from None
     for i, name in enumerate(config.models):
         if name not in catalog:
-            raise ConfigError(f"{where}: field 'models.{i}': unknown model '{name}'; the "
-                              f"catalog has: {', '.join(sorted(catalog))}")
+            raise ConfigError(
+                f"{where}: field 'models.{i}': unknown model '{name}'; the "
+                f"catalog has: {', '.join(sorted(catalog))}"
+            )
     seen = set()
     for i, ds in enumerate(config.datasets):
         if ds.name in seen:

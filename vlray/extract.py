@@ -80,8 +80,9 @@ class ModelResult:
 # --- Stage 1 (CPU tasks): read and decode images --------------------------------------------------
 
 
-def decode_batch(batch: pa.Table, size: int, resize: int, interpolation: str,
-                 root: str | None) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: pa.Table, size: int, resize: int, interpolation: str, root: str | None
+) -> dict[str, np.ndarray]:
     """Decode, convert to RGB and resize a batch of image items; failures become error rows."""
     n = batch.num_rows
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
@@ -97,16 +98,17 @@ def decode_batch(batch: pa.Table, size: int, resize: int, interpolation: str,
                 raw = images.read_image_bytes(paths[i], root)
             stage[i] = "decode"
             img = images.decode_image(raw)
-            pixels[i] = images.to_model_input(img, size, resize=resize,
-                                              interpolation=interpolation)
+            pixels[i] = images.to_model_input(img, size, resize=resize, interpolation=interpolation)
             stage[i] = ""
         except images.ImageError as err:
             reason[i] = str(err)
     return {
         "item_id": batch.column("item_id").to_numpy(zero_copy_only=False),
         "perturbation": batch.column("perturbation").to_numpy(zero_copy_only=False),
-        "source": np.array([s or p or "" for s, p in zip(batch.column("source").to_pylist(),
-                                                          paths, strict=True)], dtype=object),
+        "source": np.array(
+            [s or p or "" for s, p in zip(batch.column("source").to_pylist(), paths, strict=True)],
+            dtype=object,
+        ),
         "pixels": pixels,
         "error_stage": stage,
         "error_reason": reason,
@@ -117,10 +119,16 @@ def decode_batch(batch: pa.Table, size: int, resize: int, interpolation: str,
 
 
 def _error_rows(ids, perts, sources, stage: str, reasons) -> dict[str, list]:
-    return {"item_id": list(ids), "perturbation": list(perts), "layer": [None] * len(ids),
-            "pooling": [None] * len(ids), "embedding": [None] * len(ids),
-            "stage": [stage] * len(ids) if isinstance(stage, str) else list(stage),
-            "reason": list(reasons), "source": list(sources)}
+    return {
+        "item_id": list(ids),
+        "perturbation": list(perts),
+        "layer": [None] * len(ids),
+        "pooling": [None] * len(ids),
+        "embedding": [None] * len(ids),
+        "stage": [stage] * len(ids) if isinstance(stage, str) else list(stage),
+        "reason": list(reasons),
+        "source": list(sources),
+    }
 
 
 def _embedding_rows(pooled, ids: np.ndarray, perts: np.ndarray) -> pa.Table:
@@ -130,16 +138,21 @@ def _embedding_rows(pooled, ids: np.ndarray, perts: np.ndarray) -> pa.Table:
         n, d = p.vectors.shape
         flat = pa.array(np.ascontiguousarray(p.vectors, dtype=np.float32).reshape(-1))
         offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
-        tables.append(pa.table({
-            "item_id": pa.array(ids[p.rows], pa.string()),
-            "perturbation": pa.array(perts[p.rows], pa.string()),
-            "layer": pa.array(np.full(n, p.layer, dtype=np.int16)),
-            "pooling": pa.array([p.pooling] * n, pa.string()),
-            "embedding": pa.ListArray.from_arrays(offsets, flat),
-            "stage": pa.nulls(n, pa.string()),
-            "reason": pa.nulls(n, pa.string()),
-            "source": pa.nulls(n, pa.string()),
-        }, schema=OUTPUT_SCHEMA))
+        tables.append(
+            pa.table(
+                {
+                    "item_id": pa.array(ids[p.rows], pa.string()),
+                    "perturbation": pa.array(perts[p.rows], pa.string()),
+                    "layer": pa.array(np.full(n, p.layer, dtype=np.int16)),
+                    "pooling": pa.array([p.pooling] * n, pa.string()),
+                    "embedding": pa.ListArray.from_arrays(offsets, flat),
+                    "stage": pa.nulls(n, pa.string()),
+                    "reason": pa.nulls(n, pa.string()),
+                    "source": pa.nulls(n, pa.string()),
+                },
+                schema=OUTPUT_SCHEMA,
+            )
+        )
     return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 
 
@@ -176,16 +189,30 @@ class EmbedActor:
         if self.spec.modality == "vision":
             ok = np.asarray([s == "" for s in batch["error_stage"]])
             if (~ok).any():
-                errors.append(_error_rows(ids[~ok], perts[~ok], sources[~ok],
-                                          batch["error_stage"][~ok], batch["error_reason"][~ok]))
+                errors.append(
+                    _error_rows(
+                        ids[~ok],
+                        perts[~ok],
+                        sources[~ok],
+                        batch["error_stage"][~ok],
+                        batch["error_reason"][~ok],
+                    )
+                )
             keep = np.flatnonzero(ok)
             pooled = self.model.embed(batch["pixels"][keep]) if len(keep) else []
         else:
             keep, bad_words = self._text_rows(batch)
             if bad_words:
                 rows = list(bad_words)
-                errors.append(_error_rows(ids[rows], perts[rows], sources[rows], "validate",
-                                          [bad_words[r] for r in rows]))
+                errors.append(
+                    _error_rows(
+                        ids[rows],
+                        perts[rows],
+                        sources[rows],
+                        "validate",
+                        [bad_words[r] for r in rows],
+                    )
+                )
             texts = [batch["text"][i] for i in keep]
             words = [batch["word"][i] for i in keep]
             pooled = self.model.embed(texts, words) if len(keep) else []
@@ -194,10 +221,18 @@ class EmbedActor:
         bad = _non_finite_rows(pooled, len(ids))
         if bad:
             rows = sorted(bad)
-            errors.append(_error_rows(ids[rows], perts[rows], sources[rows], "embed",
-                                      [bad[r] for r in rows]))
-            pooled = [type(p)(p.layer, p.pooling, p.rows[~np.isin(p.rows, rows)],
-                              p.vectors[~np.isin(p.rows, rows)]) for p in pooled]
+            errors.append(
+                _error_rows(ids[rows], perts[rows], sources[rows], "embed", [bad[r] for r in rows])
+            )
+            pooled = [
+                type(p)(
+                    p.layer,
+                    p.pooling,
+                    p.rows[~np.isin(p.rows, rows)],
+                    p.vectors[~np.isin(p.rows, rows)],
+                )
+                for p in pooled
+            ]
         parts = [_embedding_rows(pooled, ids, perts)]
         parts += [pa.Table.from_pydict(e, schema=OUTPUT_SCHEMA) for e in errors]
         return pa.concat_tables(parts)
@@ -243,8 +278,13 @@ class EmbeddingSink(Datasink):
         return self.rows_per_write
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict:
-        table = pa.concat_tables([b if isinstance(b, pa.Table) else pa.Table.from_pandas(b)
-                                  for b in blocks]) if blocks else OUTPUT_SCHEMA.empty_table()
+        table = (
+            pa.concat_tables(
+                [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
+            )
+            if blocks
+            else OUTPUT_SCHEMA.empty_table()
+        )
         tag = f"{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}"
         is_error = pc.is_valid(table["stage"])
         errors = table.filter(is_error)
@@ -255,20 +295,28 @@ class EmbeddingSink(Datasink):
             pert, layer = key["perturbation"], key["layer"]
             part = ok.filter((pc.field("perturbation") == pert) & (pc.field("layer") == layer))
             part = part.sort_by([("item_id", "ascending"), ("pooling", "ascending")])
-            out = pa.table({"item_id": part["item_id"],
-                            "modality": pa.array([self.modality] * part.num_rows).dictionary_encode(),
-                            "layer": part["layer"],
-                            "pooling": part["pooling"], "embedding": _fixed_size(part["embedding"])})
-            path = (f"{self.staging}/perturbation={partition_value(pert)}/"
-                    f"part-L{layer:03d}-{tag}.parquet")
+            out = pa.table(
+                {
+                    "item_id": part["item_id"],
+                    "modality": pa.array([self.modality] * part.num_rows).dictionary_encode(),
+                    "layer": part["layer"],
+                    "pooling": part["pooling"],
+                    "embedding": _fixed_size(part["embedding"]),
+                }
+            )
+            path = (
+                f"{self.staging}/perturbation={partition_value(pert)}/"
+                f"part-L{layer:03d}-{tag}.parquet"
+            )
             self.lake.write_table(out, path)
             counts[pert] += out.num_rows
             if layer == 0:
                 items[pert] += len(pc.unique(part["item_id"]))
         if errors.num_rows:
-            self.lake.write_table(errors.select(["item_id", "perturbation", "stage", "reason",
-                                                 "source"]),
-                                  f"{self.staging}/_quarantine/part-{tag}.parquet")
+            self.lake.write_table(
+                errors.select(["item_id", "perturbation", "stage", "reason", "source"]),
+                f"{self.staging}/_quarantine/part-{tag}.parquet",
+            )
         return {"rows": dict(counts), "items": dict(items), "errors": errors.num_rows}
 
     def on_write_complete(self, write_result) -> None:
@@ -281,8 +329,11 @@ class EmbeddingSink(Datasink):
 def ensure_ray() -> None:
     """Join the cluster in RAY_ADDRESS (ray submit / job submit) or start a local one."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
 
 
 def _gpus(options: ExtractOptions) -> float:
@@ -291,32 +342,54 @@ def _gpus(options: ExtractOptions) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def build_dataset(lake: Lake, dataset: str, spec: ModelSpec, perturbations: list[str],
-                  options: ExtractOptions, root: str | None = None) -> ray.data.Dataset:
+def build_dataset(
+    lake: Lake,
+    dataset: str,
+    spec: ModelSpec,
+    perturbations: list[str],
+    options: ExtractOptions,
+    root: str | None = None,
+) -> ray.data.Dataset:
     """The lazy Ray Data pipeline for one (model, dataset): read -> decode -> embed."""
     modality = IMAGE if spec.modality == "vision" else TEXT
     columns = ["item_id", "modality", "perturbation", "source"] + (
-        ["image", "image_path"] if modality == IMAGE else ["text", "word"])
+        ["image", "image_path"] if modality == IMAGE else ["text", "word"]
+    )
     # Items sit in many part files, so read, decode, embed and write overlap as a stream.
-    ds = ray.data.read_parquet(
-        lake.local_path(lake.items_dir(dataset)), filesystem=lake.fs, partitioning=None,
-        num_cpus=options.io_cpus,
-    ).select_columns(columns).filter(expr=(col("modality") == modality) & col("perturbation").is_in(perturbations))
+    ds = (
+        ray.data.read_parquet(
+            lake.local_path(lake.items_dir(dataset)),
+            filesystem=lake.fs,
+            partitioning=None,
+            num_cpus=options.io_cpus,
+        )
+        .select_columns(columns)
+        .filter(expr=(col("modality") == modality) & col("perturbation").is_in(perturbations))
+    )
     if modality == IMAGE:
         from vlray.models import image_input
 
         inp = image_input(spec)
         ds = ds.map_batches(
-            decode_batch, batch_format="pyarrow", batch_size=options.batch_size,
+            decode_batch,
+            batch_format="pyarrow",
+            batch_size=options.batch_size,
             num_cpus=options.decode_cpus,
-            fn_kwargs={"size": inp.size, "resize": inp.resize,
-                       "interpolation": inp.interpolation, "root": root},
+            fn_kwargs={
+                "size": inp.size,
+                "resize": inp.resize,
+                "interpolation": inp.interpolation,
+                "root": root,
+            },
         )
     gpus = _gpus(options)
     return ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"spec": spec.model_dump(), "precision": options.precision,
-                               "torch_threads": options.torch_threads},
+        fn_constructor_kwargs={
+            "spec": spec.model_dump(),
+            "precision": options.precision,
+            "torch_threads": options.torch_threads,
+        },
         batch_size=options.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=options.actors),
@@ -331,8 +404,15 @@ def config_hash(spec: ModelSpec, items_fingerprint: str) -> str:
     return f"{spec.fingerprint()}-{items_fingerprint}"
 
 
-def extract_model(lake: Lake, dataset: str, spec: ModelSpec, items_fp: str,
-                  options: ExtractOptions, run_id: str, root: str | None = None) -> ModelResult:
+def extract_model(
+    lake: Lake,
+    dataset: str,
+    spec: ModelSpec,
+    items_fp: str,
+    options: ExtractOptions,
+    run_id: str,
+    root: str | None = None,
+) -> ModelResult:
     """Embed one dataset with one model, computing only the partitions that are missing."""
     from vlray.models import layer_names as model_layer_names
     from vlray.models import model_revision
@@ -341,8 +421,9 @@ def extract_model(lake: Lake, dataset: str, spec: ModelSpec, items_fp: str,
     result = ModelResult(dataset=dataset, model=spec.name)
     modality = IMAGE if spec.modality == "vision" else TEXT
     items = lake.read_items(dataset, columns=["modality", "perturbation"])
-    present = sorted(set(items.filter(pc.field("modality") == modality)["perturbation"]
-                         .to_pylist()))
+    present = sorted(
+        set(items.filter(pc.field("modality") == modality)["perturbation"].to_pylist())
+    )
     wanted_hash = config_hash(spec, items_fp)
     done = lake.committed(dataset, spec.name)
     todo = [p for p in present if done.get(p) != wanted_hash]
@@ -368,11 +449,21 @@ def extract_model(lake: Lake, dataset: str, spec: ModelSpec, items_fp: str,
         staged = f"{staging}/perturbation={partition_value(pert)}"
         if not lake.exists(staged):  # every item of it quarantined: an empty, committed partition
             lake.fs.create_dir(staged, recursive=True)
-        lake.commit_partition(staged, manifest_record(
-            dataset=dataset, model=spec.name, perturbation=pert,
-            model_revision=model_revision(spec), config_hash=wanted_hash, rows=rows[pert],
-            items=n_items[pert], layers=len(layer_names), layer_names=layer_names,
-            run_id=run_id))
+        lake.commit_partition(
+            staged,
+            manifest_record(
+                dataset=dataset,
+                model=spec.name,
+                perturbation=pert,
+                model_revision=model_revision(spec),
+                config_hash=wanted_hash,
+                rows=rows[pert],
+                items=n_items[pert],
+                layers=len(layer_names),
+                layer_names=layer_names,
+                run_id=run_id,
+            ),
+        )
         result.partitions.append(pert)
     result.rows = sum(rows.values())
     result.items = sum(n_items.values())
@@ -380,16 +471,25 @@ def extract_model(lake: Lake, dataset: str, spec: ModelSpec, items_fp: str,
     return result
 
 
-def _staged_quarantine(lake: Lake, staging: str, dataset: str, model: str,
-                       modality: str) -> pa.Table:
+def _staged_quarantine(
+    lake: Lake, staging: str, dataset: str, model: str, modality: str
+) -> pa.Table:
     files = lake.list_files(f"{staging}/_quarantine")
     rows = []
     for f in files:
         for r in pq.read_table(f, filesystem=lake.fs).to_pylist():
             # Decode failures are the item's own fault (every model would fail it); embed and
             # validate failures here depend on the model, so they carry its name.
-            rows.append(quarantine_row(
-                dataset=dataset, item_id=r["item_id"], modality=modality,
-                perturbation=r["perturbation"], stage=r["stage"], reason=r["reason"],
-                source=r["source"], model=model))
+            rows.append(
+                quarantine_row(
+                    dataset=dataset,
+                    item_id=r["item_id"],
+                    modality=modality,
+                    perturbation=r["perturbation"],
+                    stage=r["stage"],
+                    reason=r["reason"],
+                    source=r["source"],
+                    model=model,
+                )
+            )
     return quarantine_table(rows)

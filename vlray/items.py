@@ -22,8 +22,9 @@ MODALITIES = (IMAGE, TEXT)
 NO_PERTURBATION = "none"
 PERTURBATION_FAMILIES = ("image_appearance", "image_semantic", "text_appearance", "text_semantic")
 
-# Roles, in the field's words: a multi-object scene, a single-object concept exemplar, a caption
-# of an image, and an in-context sentence that uses a concept word (embedded with word-span pooling).
+# Roles, in the field's words: a multi-object scene, a single-object concept exemplar, a
+# caption of an image, and an in-context sentence that uses a concept word (embedded with
+# word-span pooling).
 ROLES = ("scene", "exemplar", "caption", "context")
 
 ITEMS_SCHEMA = pa.schema(

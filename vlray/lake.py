@@ -76,8 +76,9 @@ def code_version() -> str:
 def items_fingerprint(items: pa.Table) -> str:
     """Content hash of an items table: a changed dataset makes its embeddings stale."""
     h = hashlib.sha256()
-    for batch in items.sort_by([("item_id", "ascending"), ("modality", "ascending"),
-                                ("perturbation", "ascending")]).to_batches():
+    for batch in items.sort_by(
+        [("item_id", "ascending"), ("modality", "ascending"), ("perturbation", "ascending")]
+    ).to_batches():
         for column in batch.columns:
             for buf in column.buffers():
                 if buf is not None:
@@ -133,8 +134,9 @@ class Lake:
         if not self.exists(path):
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and
-                      i.path.endswith(suffix))
+        return sorted(
+            i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        )
 
     def write_table(self, table: pa.Table, path: str) -> None:
         parent = path.rsplit("/", 1)[0]
@@ -173,7 +175,8 @@ class Lake:
             self.fs.delete_dir(staging)
         for folder in (self.path("_staging"), self.path("_trash")):
             if self.exists(folder) and not self.fs.get_file_info(
-                    pafs.FileSelector(folder, recursive=False)):
+                pafs.FileSelector(folder, recursive=False)
+            ):
                 self.fs.delete_dir(folder)  # leave no empty scaffolding behind
 
     # --- items and quarantine ----------------------------------------------------------------
@@ -185,8 +188,14 @@ class Lake:
         value = meta.get(FINGERPRINT_KEY)
         return value.decode() if value else None
 
-    def write_items(self, dataset: str, items: pa.Table, quarantine: pa.Table, run_id: str,
-                    rows_per_file: int = 256) -> str:
+    def write_items(
+        self,
+        dataset: str,
+        items: pa.Table,
+        quarantine: pa.Table,
+        run_id: str,
+        rows_per_file: int = 256,
+    ) -> str:
         """Store a dataset's items (and the rows its source quarantined); returns the fingerprint.
 
         Items go into several part files so that readers get parallel blocks; unchanged items
@@ -200,8 +209,11 @@ class Lake:
         staged = self.path("_staging", run_id, "items", partition_value(dataset))
         for i, start in enumerate(range(0, max(items.num_rows, 1), rows_per_file)):
             self.write_table(items.slice(start, rows_per_file), f"{staged}/part-{i:05d}.parquet")
-        self.replace_file(quarantine.cast(QUARANTINE_SCHEMA), self.quarantine_dir(dataset) +
-                          "/part-source.parquet", run_id)
+        self.replace_file(
+            quarantine.cast(QUARANTINE_SCHEMA),
+            self.quarantine_dir(dataset) + "/part-source.parquet",
+            run_id,
+        )
         self.replace_dir(staged, self.items_dir(dataset))
         return fingerprint
 
@@ -209,11 +221,13 @@ class Lake:
         files = self.list_files(self.items_dir(dataset))
         if not files:
             raise LakeError(f"no items for dataset '{dataset}' in {self.uri}")
-        return pa.concat_tables(pq.read_table(f, filesystem=self.fs, columns=columns)
-                                for f in files)
+        return pa.concat_tables(
+            pq.read_table(f, filesystem=self.fs, columns=columns) for f in files
+        )
 
-    def merge_quarantine(self, dataset: str, model: str, rows: pa.Table, perturbations: list[str],
-                         run_id: str) -> None:
+    def merge_quarantine(
+        self, dataset: str, model: str, rows: pa.Table, perturbations: list[str], run_id: str
+    ) -> None:
         """Replace one model's quarantine rows for the perturbations just recomputed."""
         path = self.quarantine_dir(dataset) + f"/part-model-{partition_value(model)}.parquet"
         parts = [rows.cast(QUARANTINE_SCHEMA)]
@@ -229,23 +243,29 @@ class Lake:
         files = self.list_files(self.path("_manifest"))
         if not files:
             return MANIFEST_SCHEMA.empty_table()
-        table = pa.concat_tables(pq.read_table(f, filesystem=self.fs).cast(MANIFEST_SCHEMA)
-                                 for f in files)
+        table = pa.concat_tables(
+            pq.read_table(f, filesystem=self.fs).cast(MANIFEST_SCHEMA) for f in files
+        )
         table = table.sort_by([("created_at", "descending")])
         seen, keep = set(), []
-        for i, key in enumerate(zip(*(table[c].to_pylist() for c in
-                                      ("dataset", "model", "perturbation")), strict=True)):
+        for i, key in enumerate(
+            zip(*(table[c].to_pylist() for c in ("dataset", "model", "perturbation")), strict=True)
+        ):
             if key not in seen:
                 seen.add(key)
                 keep.append(i)
-        return table.take(keep).sort_by([("dataset", "ascending"), ("model", "ascending"),
-                                         ("perturbation", "ascending")])
+        return table.take(keep).sort_by(
+            [("dataset", "ascending"), ("model", "ascending"), ("perturbation", "ascending")]
+        )
 
     def committed(self, dataset: str, model: str) -> dict[str, str]:
         """perturbation -> config hash of the partitions committed for a (dataset, model)."""
         m = self.manifest().to_pylist()
-        return {r["perturbation"]: r["config_hash"] for r in m
-                if r["dataset"] == dataset and r["model"] == model}
+        return {
+            r["perturbation"]: r["config_hash"]
+            for r in m
+            if r["dataset"] == dataset and r["model"] == model
+        }
 
     def commit_partition(self, staged: str, record: dict) -> None:
         """Make a staged partition visible, then record it in the manifest."""
@@ -253,8 +273,9 @@ class Lake:
         self.replace_dir(staged, final)
         row = {f.name: [record.get(f.name)] for f in MANIFEST_SCHEMA}
         name = f"{record['run_id']}-{uuid.uuid4().hex[:8]}.parquet"
-        self.write_table(pa.Table.from_pydict(row, schema=MANIFEST_SCHEMA),
-                         self.path("_manifest", name))
+        self.write_table(
+            pa.Table.from_pydict(row, schema=MANIFEST_SCHEMA), self.path("_manifest", name)
+        )
 
 
 def manifest_record(**fields) -> dict:

@@ -166,7 +166,9 @@ def default_vision_taps(model: torch.nn.Module) -> list[str]:
     if "conv_head" in names and "bn2" in names:
         taps.append("bn2")  # EfficientNet head conv (1280 wide)
     if not taps:
-        raise ValueError("cannot find this model's layers; list them in the catalog (layers: [...])")
+        raise ValueError(
+            "cannot find this model's layers; list them in the catalog (layers: [...])"
+        )
     return taps
 
 
@@ -268,8 +270,11 @@ def _hf_config(spec: ModelSpec):
     if spec.source == "hf" and spec.init == "random" and spec.id in CONFIG_MAPPING:
         return AutoConfig.for_model(spec.id, **spec.kwargs)  # a bare architecture: tiny configs
     return AutoConfig.from_pretrained(
-        _hf_location(spec), revision=spec.revision if spec.source == "hf" else None,
-        trust_remote_code=spec.trust_remote_code, **spec.kwargs)
+        _hf_location(spec),
+        revision=spec.revision if spec.source == "hf" else None,
+        trust_remote_code=spec.trust_remote_code,
+        **spec.kwargs,
+    )
 
 
 def _hf_model(spec: ModelSpec) -> torch.nn.Module:
@@ -279,8 +284,11 @@ def _hf_model(spec: ModelSpec) -> torch.nn.Module:
         log.warning("model '%s': trust_remote_code is ON (set in its catalog entry)", spec.name)
     if spec.init == "pretrained":
         return AutoModel.from_pretrained(
-            _hf_location(spec), revision=spec.revision if spec.source == "hf" else None,
-            trust_remote_code=spec.trust_remote_code, **spec.kwargs)
+            _hf_location(spec),
+            revision=spec.revision if spec.source == "hf" else None,
+            trust_remote_code=spec.trust_remote_code,
+            **spec.kwargs,
+        )
     config = _hf_config(spec)
     torch.manual_seed(spec.seed)
     return AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code)
@@ -322,7 +330,9 @@ class LanguageEncoder:
         self.layer_names = [_hidden_state_name(i) for i in self.layer_indices]
 
     @torch.inference_mode()
-    def embed(self, texts: Sequence[str], words: Sequence[str | None] | None = None) -> list[Pooled]:
+    def embed(
+        self, texts: Sequence[str], words: Sequence[str | None] | None = None
+    ) -> list[Pooled]:
         """Pool every layer for a batch of texts.
 
         Rows with a target ``word`` get ``word_span`` pooling (the mean of the word's sub-word
@@ -366,8 +376,7 @@ class LanguageEncoder:
                 pooled.append((i, "word_span", span_rows, v.float()))
         host = [t.cpu() for *_, t in pooled]
         return [
-            Pooled(i, p, rows, h.numpy())
-            for (i, p, rows, _), h in zip(pooled, host, strict=True)
+            Pooled(i, p, rows, h.numpy()) for (i, p, rows, _), h in zip(pooled, host, strict=True)
         ]
 
 

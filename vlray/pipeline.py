@@ -32,8 +32,10 @@ class ExtractSummary:
             if r.skipped:
                 out.append(f"  {r.dataset:<12} {r.model:<28} up to date (nothing to do)")
             else:
-                out.append(f"  {r.dataset:<12} {r.model:<28} {r.items:>7} items  {r.rows:>9} rows"
-                           f"  {r.quarantined:>4} quarantined  {r.seconds:6.1f}s")
+                out.append(
+                    f"  {r.dataset:<12} {r.model:<28} {r.items:>7} items  {r.rows:>9} rows"
+                    f"  {r.quarantined:>4} quarantined  {r.seconds:6.1f}s"
+                )
         done = [r for r in self.results if not r.skipped]
         refused = sum(self.refused_by_source.values())
         out.append(
@@ -44,8 +46,9 @@ class ExtractSummary:
         return out
 
 
-def run_extract(config: RunConfig, lake: Lake | str,
-                options: ExtractOptions | None = None) -> ExtractSummary:
+def run_extract(
+    config: RunConfig, lake: Lake | str, options: ExtractOptions | None = None
+) -> ExtractSummary:
     """Write every dataset's items, then embed each one with every model that lacks it."""
     lake = Lake(lake) if isinstance(lake, str) else lake
     options = options or config.extract.options()
@@ -63,8 +66,17 @@ def run_extract(config: RunConfig, lake: Lake | str,
         ensure_ray()
         for spec in specs:
             for ds in config.datasets:
-                summary.results.append(extract_model(lake, ds.name, spec, fingerprints[ds.name],
-                                                     options, run_id, root=roots[ds.name]))
+                summary.results.append(
+                    extract_model(
+                        lake,
+                        ds.name,
+                        spec,
+                        fingerprints[ds.name],
+                        options,
+                        run_id,
+                        root=roots[ds.name],
+                    )
+                )
     finally:
         lake.discard(run_id)  # committed partitions were moved out; the rest is debris
     summary.seconds = time.time() - started

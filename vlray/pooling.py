@@ -60,7 +60,7 @@ def pool_tokens(
     span_mask: torch.Tensor | None = None,
     num_prefix_tokens: int = 0,
 ) -> torch.Tensor:
-    """Pool a token sequence ``(B, T, D)`` by name (``cls``, ``mean``, ``last_token``, ``word_span``).
+    """Pool a token sequence ``(B, T, D)`` by name: cls, mean, last_token or word_span.
 
     ``num_prefix_tokens`` (CLS and register tokens of a ViT) are left out of ``mean``.
     """

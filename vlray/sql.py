@@ -32,10 +32,18 @@ _GLOBS = {
 # The shape of each table when the lake has no file of it yet, so every view always exists.
 _EMPTY = {
     "items": ITEMS_SCHEMA.append(pa.field("dataset", pa.string())),
-    "embeddings": pa.schema([("item_id", pa.string()), ("modality", pa.string()),
-                             ("layer", pa.int16()), ("pooling", pa.string()),
-                             ("embedding", pa.list_(pa.float32())), ("dataset", pa.string()),
-                             ("model", pa.string()), ("perturbation", pa.string())]),
+    "embeddings": pa.schema(
+        [
+            ("item_id", pa.string()),
+            ("modality", pa.string()),
+            ("layer", pa.int16()),
+            ("pooling", pa.string()),
+            ("embedding", pa.list_(pa.float32())),
+            ("dataset", pa.string()),
+            ("model", pa.string()),
+            ("perturbation", pa.string()),
+        ]
+    ),
     "quarantine": QUARANTINE_SCHEMA,
     "manifest": MANIFEST_SCHEMA,
 }

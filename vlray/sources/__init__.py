@@ -50,9 +50,14 @@ def check_params(source: str, params: dict) -> str | None:
     unknown = [k for k in params if k not in names]
     if unknown:
         return f"unknown parameter '{unknown[0]}' for source '{source}' (takes: {', '.join(names)})"
-    missing = [n for n, p in sig.parameters.items() if n != "dataset" and
-               p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD and
-               n not in params]
+    missing = [
+        n
+        for n, p in sig.parameters.items()
+        if n != "dataset"
+        and p.default is inspect.Parameter.empty
+        and p.kind is p.POSITIONAL_OR_KEYWORD
+        and n not in params
+    ]
     if missing:
         return f"missing parameter '{missing[0]}' for source '{source}'"
     return None
