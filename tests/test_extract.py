@@ -174,14 +174,16 @@ def test_embed_stage_turns_bad_rows_into_quarantine_records():
 
     vision = EmbedActor(get_spec("tiny_vit_random").model_dump())
     pixels = np.zeros((2, 64, 64, 3), dtype=np.uint8)
-    out = vision({
-        "item_id": np.array(["ok", "broken"], dtype=object),
-        "perturbation": np.array(["none", "none"], dtype=object),
-        "source": np.array(["x.png", "y.jpg"], dtype=object),
-        "pixels": pixels,
-        "error_stage": np.array(["", "decode"], dtype=object),
-        "error_reason": np.array(["", "truncated JPEG"], dtype=object),
-    }).to_pylist()
+    out = vision(
+        {
+            "item_id": np.array(["ok", "broken"], dtype=object),
+            "perturbation": np.array(["none", "none"], dtype=object),
+            "source": np.array(["x.png", "y.jpg"], dtype=object),
+            "pixels": pixels,
+            "error_stage": np.array(["", "decode"], dtype=object),
+            "error_reason": np.array(["", "truncated JPEG"], dtype=object),
+        }
+    ).to_pylist()
     assert [(r["item_id"], r["stage"], r["reason"]) for r in out if r["stage"]] == [
         ("broken", "decode", "truncated JPEG")
     ]

@@ -1,4 +1,4 @@
-"""The ``vlray`` command line: demo, extract, sql."""
+"""The ``vlray`` command line: demo, extract, align, sql, bench."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "demo.yaml"
@@ -63,6 +64,54 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise ValueError("no lake: pass --lake LAKE (or set `lake:` in the config)")
     summary = run_extract(config, lake)
     print("\n".join(summary.lines()))
+    return 0
+
+
+# --- align ------------------------------------------------------------------------------
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from vlray.align import run_align
+
+    config = _load_run_config(args)
+    lake = args.lake or config.lake
+    if not lake:
+        raise ValueError("no lake: pass --lake LAKE (or set `lake:` in the config)")
+    started = time.time()
+    done = run_align(
+        lake, [d.name for d in config.datasets], config.specs(), config.align.options()
+    )
+    for r in done:
+        print(
+            f"  {r['dataset']:<12} {r['vision_model']:<26} x {r['language_model']:<20} "
+            f"n={r['n']:<6} {r['rows']:>6} scores  {r['seconds']:6.1f}s"
+        )
+    print(
+        f"align: {len(done)} model pair(s), {sum(r['rows'] for r in done)} scores written to "
+        f"the alignment table, {time.time() - started:.1f}s"
+    )
+    return 0
+
+
+# --- bench ------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vlray import bench
+
+    if args.what == "metrics":
+        rows = bench.bench_metrics(
+            n=args.n,
+            dim=args.dim,
+            layers=args.layers,
+            metrics=args.metrics.split(","),
+            device=args.device,
+        )
+        bench.print_rows(rows)
+        if args.large_n:
+            bench.print_rows(
+                [bench.bench_knn_memory(n=args.large_n, dim=args.dim, layers=args.layers)]
+            )
     return 0
 
 
@@ -168,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--models", help="catalog model names, comma separated")
     ext.add_argument("--lake", help="lake path or URI")
     ext.set_defaults(func=cmd_extract)
+
+    align = sub.add_parser("align", help="score every (vision layer, language layer) pair")
+    align.add_argument("--config", required=True, help="run config (YAML) with an align section")
+    align.add_argument("--lake", help="lake path or URI")
+    align.set_defaults(func=cmd_align, manifest=None, models=None)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures measured side by side")
+    bench.add_argument("what", choices=("metrics",))
+    bench.add_argument("--n", type=int, default=2048, help="items")
+    bench.add_argument("--dim", type=int, default=768, help="width of every layer")
+    bench.add_argument("--layers", type=int, default=13, help="layers on each side")
+    bench.add_argument("--metrics", default="mutual_knn,cka")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    bench.add_argument(
+        "--large-n",
+        type=int,
+        default=0,
+        help="also one mutual_knn grid at this n, reporting peak GPU memory",
+    )
+    bench.set_defaults(func=cmd_bench)
 
     sql = sub.add_parser("sql", help="query the lake with DuckDB (read-only)")
     sql.add_argument("query", nargs="?", help="a SQL query over items, embeddings, ...")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vlray.align import AlignOptions
 from vlray.catalog import CatalogError, ModelSpec, load_catalog
 from vlray.extract import ExtractOptions
 from vlray.sources import check_params
@@ -41,6 +42,29 @@ class ExtractConfig(BaseModel):
         return ExtractOptions(**self.model_dump())
 
 
+class AlignConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[str] = Field(
+        default_factory=lambda: ["mutual_knn", "cka", "unbiased_cka", "rsa"], min_length=1
+    )
+    metric_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    bootstrap: int = Field(default=100, ge=0)
+    permutations: int = Field(default=100, ge=0)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    seed: int = 0
+    captions: Literal["mean", "first"] = "mean"
+    image_roles: list[str] = Field(default_factory=lambda: ["scene", "exemplar"])
+    cpus_per_task: float = Field(default=1.0, gt=0)
+    gpus_per_task: float | None = Field(default=None, ge=0)
+
+    def options(self) -> AlignOptions:
+        fields = self.model_dump()
+        fields["metrics"] = tuple(fields["metrics"])
+        fields["image_roles"] = tuple(fields["image_roles"])
+        return AlignOptions(**fields)
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +72,7 @@ class RunConfig(BaseModel):
     models: list[str] = Field(min_length=1)
     catalog: list[str] = Field(default_factory=list)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
     lake: str | None = None
 
     def specs(self) -> list[ModelSpec]:
@@ -79,6 +104,7 @@ def validate_config(raw: dict, where: str) -> RunConfig:
                 f"{where}: field 'models.{i}': unknown model '{name}'; the "
                 f"catalog has: {', '.join(sorted(catalog))}"
             )
+    _check_metrics(config.align, where)
     seen = set()
     for i, ds in enumerate(config.datasets):
         if ds.name in seen:
@@ -88,6 +114,22 @@ def validate_config(raw: dict, where: str) -> RunConfig:
         if problem:
             raise ConfigError(f"{where}: field 'datasets.{i}': {problem}")
     return config
+
+
+def _check_metrics(align: AlignConfig, where: str) -> None:
+    from vlray.metrics import METRICS
+
+    for i, metric in enumerate(align.metrics):
+        if metric not in METRICS:
+            raise ConfigError(
+                f"{where}: field 'align.metrics.{i}': unknown metric '{metric}'; "
+                f"known: {', '.join(METRICS)}"
+            )
+    for metric in align.metric_kwargs:
+        if metric not in align.metrics:
+            raise ConfigError(
+                f"{where}: field 'align.metric_kwargs.{metric}': not one of align.metrics"
+            )
 
 
 def load_config(path: str | Path) -> RunConfig:

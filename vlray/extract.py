@@ -326,16 +326,6 @@ class EmbeddingSink(Datasink):
 # --- The job -------------------------------------------------------------------------------
 
 
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (ray submit / job submit) or start a local one."""
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-
-
 def _gpus(options: ExtractOptions) -> float:
     if options.gpus_per_actor is not None:
         return options.gpus_per_actor

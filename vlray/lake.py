@@ -4,6 +4,7 @@
 LAKE/items/dataset=D/part-*.parquet
 LAKE/embeddings/dataset=D/model=M/perturbation=P/part-L{layer}-*.parquet
 LAKE/quarantine/dataset=D/part-*.parquet
+LAKE/results/alignment/study=S/part-*.parquet
 LAKE/_manifest/*.parquet            one row per committed partition
 LAKE/_staging/RUN/...               work in progress, never read by the views
 ```
@@ -236,6 +237,17 @@ class Lake:
             keep = pc.invert(pc.is_in(old["perturbation"], pa.array(perturbations, pa.string())))
             parts.insert(0, old.filter(keep))
         self.replace_file(pa.concat_tables(parts), path, run_id)
+
+    # --- results ---------------------------------------------------------------------------
+    def results_dir(self, table: str, study: str) -> str:
+        return self.path("results", table, f"study={partition_value(study)}")
+
+    def write_results(
+        self, study: str, name: str, table: pa.Table, run_id: str, results_table: str = "alignment"
+    ) -> None:
+        """Replace one results file atomically: a re-run replaces its rows, never duplicates."""
+        final = f"{self.results_dir(results_table, study)}/part-{partition_value(name)}.parquet"
+        self.replace_file(table, final, run_id)
 
     # --- manifest --------------------------------------------------------------------------
     def manifest(self) -> pa.Table:

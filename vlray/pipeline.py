@@ -10,8 +10,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from vlray.cluster import ensure_ray
 from vlray.config import RunConfig
-from vlray.extract import ExtractOptions, ModelResult, ensure_ray, extract_model
+from vlray.extract import ExtractOptions, ModelResult, extract_model
 from vlray.lake import Lake, new_run_id
 from vlray.sources import load_source
 

@@ -17,16 +17,19 @@ import pyarrow as pa
 
 from vlray.items import ITEMS_SCHEMA, QUARANTINE_SCHEMA
 from vlray.lake import MANIFEST_SCHEMA, Lake
+from vlray.results import ALIGNMENT_SCHEMA
 
 SQL_DIR = Path(os.environ.get("VLRAY_SQL_DIR", Path(__file__).resolve().parents[1] / "sql"))
-VIEWS = ("items", "embeddings", "quarantine", "manifest")
+VIEWS = ("items", "embeddings", "quarantine", "manifest", "alignment")
 
-# Where each table's files sit under the lake root (fixed depth, so _staging never matches).
-_GLOBS = {
-    "items": "items/dataset=*/*.parquet",
-    "embeddings": "embeddings/dataset=*/model=*/perturbation=*/*.parquet",
-    "quarantine": "quarantine/dataset=*/*.parquet",
-    "manifest": "_manifest/*.parquet",
+# Where each table's files sit under the lake root: (folder, pattern of fixed depth, so that
+# work in progress under _staging never matches).
+_FILES = {
+    "items": ("items", "dataset=*/*.parquet"),
+    "embeddings": ("embeddings", "dataset=*/model=*/perturbation=*/*.parquet"),
+    "quarantine": ("quarantine", "dataset=*/*.parquet"),
+    "manifest": ("_manifest", "*.parquet"),
+    "alignment": ("results/alignment", "study=*/*.parquet"),
 }
 
 # The shape of each table when the lake has no file of it yet, so every view always exists.
@@ -46,6 +49,7 @@ _EMPTY = {
     ),
     "quarantine": QUARANTINE_SCHEMA,
     "manifest": MANIFEST_SCHEMA,
+    "alignment": ALIGNMENT_SCHEMA,
 }
 
 _READ_ONLY = {"SELECT", "EXPLAIN"}
@@ -57,9 +61,10 @@ class QueryError(ValueError):
 
 
 def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> str:
-    if lake.list_files(lake.path(_GLOBS[table].split("/")[0])):
-        glob = lake.local_path(lake.path(_GLOBS[table])).replace("'", "''")
-        hive = "false" if table == "manifest" else "true"
+    folder, pattern = _FILES[table]
+    if lake.list_files(lake.path(folder)):
+        glob = lake.local_path(lake.path(folder, pattern)).replace("'", "''")
+        hive = "false" if table in ("manifest", "alignment") else "true"  # columns in the files
         # No union_by_name: vlray writes one schema per table, and union_by_name would open
         # every file's footer at bind time, defeating partition pruning.
         return f"read_parquet('{glob}', hive_partitioning = {hive})"
@@ -69,8 +74,8 @@ def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> str:
 
 
 def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the lake's views ``items``, ``embeddings``, ``quarantine``,
-    ``manifest`` defined."""
+    """An in-memory DuckDB with the lake's views (``items``, ``embeddings``, ``quarantine``,
+    ``manifest``, ``alignment``) defined."""
     lake = Lake(lake) if isinstance(lake, str) else lake
     if not lake.exists(lake.root):
         raise QueryError(f"no lake at {lake.uri}")

@@ -1,0 +1,12 @@
+"""Alignment job for `ray submit` / `ray job submit`: one Ray task per model pair.
+
+    ray job submit --working-dir . -- python pipelines/align.py \
+        --config pipelines/configs/demo.yaml --lake s3://bucket/lake
+"""
+
+import sys
+
+from vlray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["align", *sys.argv[1:]]))

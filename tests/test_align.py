@@ -1,0 +1,104 @@
+"""`vlray align` over the small lake: real Ray tasks, real lake reads, the results table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vlray.align import AlignOptions, paired_layers, run_align
+from vlray.catalog import get_spec
+from vlray.cli import main
+from vlray.lake import Lake
+from vlray.sql import connect, named_query, run_query
+
+pytestmark = pytest.mark.timeout(420)
+
+OPTIONS = AlignOptions(metrics=("mutual_knn", "cka"), bootstrap=20, permutations=20)
+
+
+@pytest.fixture(scope="module")
+def aligned(small_lake):
+    lake, _ = small_lake
+    specs = [
+        get_spec(n)
+        for n in ("efficientnet_lite0", "tiny_vit_random", "minilm_l6", "tiny_gpt2_random")
+    ]
+    return lake, run_align(lake, ["shapes"], specs, OPTIONS)
+
+
+def test_pairs_follow_pair_id_and_average_captions(small_lake):
+    lake, _ = small_lake
+    v, t = paired_layers(
+        Lake(lake), "shapes", get_spec("efficientnet_lite0"), get_spec("minilm_l6"), OPTIONS
+    )
+    assert len(v.item_ids) == len(t.item_ids) == 192 + 4  # exemplars + scenes, all captioned
+    assert list(v.item_ids) == list(t.item_ids)  # images' pair_id is their own id
+    assert [m.shape[1] for m in v.layers] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
+    assert [m.shape[1] for m in t.layers] == [384] * 7
+
+
+def test_one_task_per_model_pair_writes_every_layer_pair(aligned):
+    lake, done = aligned
+    assert len(done) == 4
+    rows = run_query(
+        connect(lake),
+        """
+        SELECT vision_model, language_model, metric, count(*) AS n,
+               count(*) FILTER (WHERE ci_low <= value AND value <= ci_high) AS in_ci,
+               count(*) FILTER (WHERE p_value IS NULL OR isnan(value)) AS missing
+        FROM alignment WHERE study = 'layerwise' GROUP BY ALL""",
+    ).to_pylist()
+    layers = {"efficientnet_lite0": 9, "tiny_vit_random": 3, "minilm_l6": 7, "tiny_gpt2_random": 3}
+    assert len(rows) == 8
+    for r in rows:
+        assert r["n"] == layers[r["vision_model"]] * layers[r["language_model"]]
+        assert r["missing"] == 0 and r["in_ci"] == r["n"]
+
+
+def test_pretrained_pair_aligns_beyond_its_null(aligned):
+    lake, _ = aligned
+    peak = {
+        (r["vision_model"], r["language_model"], r["metric"]): r
+        for r in run_query(connect(lake), named_query("layerwise_peaks")).to_pylist()
+    }
+    best = peak[("efficientnet_lite0", "minilm_l6", "cka")]
+    assert best["value"] > best["null_mean"] + 0.1
+    assert best["p_value"] <= 1 / 21 + 1e-9  # beats every one of the 20 shuffles
+
+
+def test_rerun_replaces_rows_instead_of_duplicating(aligned):
+    lake, _ = aligned
+    before = run_query(connect(lake), "SELECT count(*) AS n FROM alignment").to_pylist()
+    run_align(
+        lake, ["shapes"], [get_spec("tiny_vit_random"), get_spec("tiny_gpt2_random")], OPTIONS
+    )
+    after = run_query(connect(lake), "SELECT count(*) AS n FROM alignment").to_pylist()
+    assert after == before
+
+
+def test_align_cli_from_a_config(small_lake, tmp_path, capsys):
+    lake, _ = small_lake
+    config = tmp_path / "align.yaml"
+    config.write_text(
+        "datasets: [{name: shapes, source: shapes, params: {seed: 0, n_scenes: 4,"
+        " exemplars_per_concept: 8, captions_per_image: 1, sentences_per_concept: 2}}]\n"
+        "models: [tiny_vit_random, tiny_gpt2_random]\n"
+        "align: {metrics: [rsa], bootstrap: 0, permutations: 5}\n"
+    )
+    assert main(["align", "--config", str(config), "--lake", lake]) == 0
+    assert "1 model pair(s), 9 scores" in capsys.readouterr().out
+    rsa = run_query(
+        connect(lake), "SELECT value, ci_low FROM alignment WHERE metric = 'rsa'"
+    ).to_pylist()
+    assert len(rsa) == 9 and all(r["ci_low"] is None for r in rsa)
+    assert np.isfinite([r["value"] for r in rsa]).all()
+
+
+def test_bad_metric_in_config_names_the_field(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "datasets: [{name: s, source: shapes}]\nmodels: [tiny_vit_random]\n"
+        "align: {metrics: [cka, spectral_voodoo]}\n"
+    )
+    assert main(["align", "--config", str(config), "--lake", str(tmp_path / "l")]) == 2
+    assert "field 'align.metrics.1': unknown metric 'spectral_voodoo'" in capsys.readouterr().err
