@@ -188,3 +188,23 @@ def test_embed_stage_turns_bad_rows_into_quarantine_records():
         ("broken", "decode", "truncated JPEG")
     ]
     assert {r["item_id"] for r in out if not r["stage"]} == {"ok"}
+
+
+def test_non_finite_embeddings_are_found_per_row():
+    from vlray.extract import _non_finite_rows
+    from vlray.models import Pooled
+
+    good = np.ones((3, 4), dtype=np.float32)
+    bad = good.copy()
+    bad[1, 2] = np.nan
+    bad[2, 0] = np.inf
+    found = _non_finite_rows(
+        [Pooled(0, "mean", np.array([0, 1, 2]), good), Pooled(5, "mean", np.array([4, 7, 9]), bad)]
+    )
+    assert found == {
+        7: "non-finite embedding at layer 5 (mean)",
+        9: "non-finite embedding at layer 5 (mean)",
+    }
+    assert Pooled(5, "mean", np.array([4, 7, 9]), bad).without(np.array([7, 9])).rows.tolist() == [
+        4
+    ]

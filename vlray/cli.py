@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -129,13 +130,10 @@ def _print_table(table, fmt: str, max_rows: int) -> None:
     else:
         import polars as pl
 
-        with pl.Config(
-            tbl_rows=max_rows,
-            tbl_cols=-1,
-            fmt_str_lengths=60,
-            tbl_width_chars=160,
-            fmt_table_cell_list_len=4,
-        ):
+        width = shutil.get_terminal_size((200, 40)).columns
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=40, float_precision=4,
+                       tbl_width_chars=width, fmt_table_cell_list_len=4,
+                       tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True):
             print(pl.from_arrow(table) if table.num_columns else "(no rows)")
 
 
@@ -193,6 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f'\nTry: vlray sql --lake {lake} "SELECT model, layer, count(*) FROM embeddings '
         'GROUP BY ALL ORDER BY ALL"'
+        f"\n     vlray align --config {os.path.relpath(args.config)} --lake {lake}"
     )
     return 0 if balanced else 1
 

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -118,14 +118,15 @@ def decode_batch(
 # --- Stage 2 (actor pool): embed --------------------------------------------------------------
 
 
-def _error_rows(ids, perts, sources, stage: str, reasons) -> dict[str, list]:
+def _error_rows(ids, perts, sources, stages, reasons) -> dict[str, list]:
+    """Quarantine records in the output schema: no layer, no embedding, a stage and reason."""
     return {
         "item_id": list(ids),
         "perturbation": list(perts),
         "layer": [None] * len(ids),
         "pooling": [None] * len(ids),
         "embedding": [None] * len(ids),
-        "stage": [stage] * len(ids) if isinstance(stage, str) else list(stage),
+        "stage": list(stages),
         "reason": list(reasons),
         "source": list(sources),
     }
@@ -156,7 +157,7 @@ def _embedding_rows(pooled, ids: np.ndarray, perts: np.ndarray) -> pa.Table:
     return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 
 
-def _non_finite_rows(pooled, n_rows: int) -> dict[int, str]:
+def _non_finite_rows(pooled) -> dict[int, str]:
     """Batch rows whose embedding has NaN/inf at some layer -> reason."""
     bad: dict[int, str] = {}
     for p in pooled:
@@ -182,73 +183,59 @@ class EmbedActor:
         self.model = create_model(self.spec, precision=precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ids = np.asarray(batch["item_id"], dtype=object)
-        perts = np.asarray(batch["perturbation"], dtype=object)
-        sources = np.asarray(batch["source"], dtype=object)
-        errors = []
-        if self.spec.modality == "vision":
-            ok = np.asarray([s == "" for s in batch["error_stage"]])
-            if (~ok).any():
-                errors.append(
-                    _error_rows(
-                        ids[~ok],
-                        perts[~ok],
-                        sources[~ok],
-                        batch["error_stage"][~ok],
-                        batch["error_reason"][~ok],
-                    )
-                )
-            keep = np.flatnonzero(ok)
-            pooled = self.model.embed(batch["pixels"][keep]) if len(keep) else []
-        else:
-            keep, bad_words = self._text_rows(batch)
-            if bad_words:
-                rows = list(bad_words)
-                errors.append(
-                    _error_rows(
-                        ids[rows],
-                        perts[rows],
-                        sources[rows],
-                        "validate",
-                        [bad_words[r] for r in rows],
-                    )
-                )
-            texts = [batch["text"][i] for i in keep]
-            words = [batch["word"][i] for i in keep]
-            pooled = self.model.embed(texts, words) if len(keep) else []
-        # Pooled rows index the kept sub-batch; map them back to the batch's rows.
-        pooled = [type(p)(p.layer, p.pooling, keep[p.rows], p.vectors) for p in pooled]
-        bad = _non_finite_rows(pooled, len(ids))
-        if bad:
-            rows = sorted(bad)
-            errors.append(
-                _error_rows(ids[rows], perts[rows], sources[rows], "embed", [bad[r] for r in rows])
-            )
-            pooled = [
-                type(p)(
-                    p.layer,
-                    p.pooling,
-                    p.rows[~np.isin(p.rows, rows)],
-                    p.vectors[~np.isin(p.rows, rows)],
-                )
-                for p in pooled
-            ]
-        parts = [_embedding_rows(pooled, ids, perts)]
-        parts += [pa.Table.from_pydict(e, schema=OUTPUT_SCHEMA) for e in errors]
-        return pa.concat_tables(parts)
+        ids, perts, sources = (
+            np.asarray(batch[c], dtype=object) for c in ("item_id", "perturbation", "source")
+        )
+        refused = self._refused(batch)  # batch row -> (stage, reason)
+        keep = np.array([i for i in range(len(ids)) if i not in refused], dtype=np.int64)
+        pooled = self._embed(batch, keep) if len(keep) else []
+        for row, reason in _non_finite_rows(pooled).items():
+            refused[row] = ("embed", reason)
+        if refused:
+            rows = np.array(sorted(refused), dtype=np.int64)
+            pooled = [p.without(rows) for p in pooled]
+        errors = pa.Table.from_pydict(
+            _error_rows(
+                ids[list(refused)],
+                perts[list(refused)],
+                sources[list(refused)],
+                [stage for stage, _ in refused.values()],
+                [r for _, r in refused.values()],
+            ),
+            schema=OUTPUT_SCHEMA,
+        )
+        return pa.concat_tables([_embedding_rows(pooled, ids, perts), errors])
 
-    def _text_rows(self, batch) -> tuple[np.ndarray, dict[int, str]]:
+    def _refused(self, batch: dict[str, np.ndarray]) -> dict[int, tuple[str, str]]:
+        """Rows that cannot be embedded: failed decodes, target words missing from the text."""
         from vlray.models import find_word_span
 
-        bad = {}
+        if self.spec.modality == "vision":
+            return {
+                i: (stage, reason)
+                for i, (stage, reason) in enumerate(
+                    zip(batch["error_stage"], batch["error_reason"], strict=True)
+                )
+                if stage
+            }
+        refused = {}
         for i, (text, word) in enumerate(zip(batch["text"], batch["word"], strict=True)):
             if word:
                 try:
                     find_word_span(text, word)
                 except ValueError as err:
-                    bad[i] = str(err)
-        keep = np.array([i for i in range(len(batch["text"])) if i not in bad], dtype=np.int64)
-        return keep, bad
+                    refused[i] = ("validate", str(err))
+        return refused
+
+    def _embed(self, batch: dict[str, np.ndarray], keep: np.ndarray) -> list:
+        """Embed the kept rows; the results index the whole batch."""
+        if self.spec.modality == "vision":
+            pooled = self.model.embed(batch["pixels"][keep])
+        else:
+            pooled = self.model.embed(
+                [batch["text"][i] for i in keep], [batch["word"][i] for i in keep]
+            )
+        return [replace(p, rows=keep[p.rows]) for p in pooled]
 
 
 # --- Stage 3 (write tasks): per-layer Parquet files in a staging area ----------------------------

@@ -114,6 +114,11 @@ class Pooled:
     rows: np.ndarray  # indices into the batch
     vectors: np.ndarray  # (len(rows), dim) float32
 
+    def without(self, rows: np.ndarray) -> Pooled:
+        """The same layer without the given batch rows."""
+        keep = ~np.isin(self.rows, rows)
+        return Pooled(self.layer, self.pooling, self.rows[keep], self.vectors[keep])
+
 
 # --- Vision -------------------------------------------------------------------------------------
 
