@@ -7,9 +7,11 @@ language layer) pair with ``vlray.metrics.grid_stats`` and commits its own resul
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow.compute as pc
@@ -130,7 +132,11 @@ def align_pair(
             run_id=run_id,
         )
     lake.write_results(
-        "layerwise", f"{dataset}--{v_spec.name}--{l_spec.name}", alignment_table(rows), run_id
+        "layerwise",
+        results_name(dataset, v_spec.name, l_spec.name),
+        alignment_table(rows),
+        run_id,
+        inputs_hash(lake, dataset, v_spec.name, l_spec.name, options),
     )
     return {
         "dataset": dataset,
@@ -142,28 +148,76 @@ def align_pair(
     }
 
 
+_RESOURCE_FIELDS = ("cpus_per_task", "gpus_per_task")
+
+
+def results_name(dataset: str, vision: str, language: str) -> str:
+    return f"{dataset}--{vision}--{language}"
+
+
+def inputs_hash(lake: Lake, dataset: str, vision: str, language: str, options: AlignOptions) -> str:
+    """What a pair's scores depend on: both models' committed unperturbed partitions (their
+    config hashes cover model config and items) and the alignment options."""
+    # Resources change where scores are computed, not what they are.
+    scoring = {k: v for k, v in asdict(options).items() if k not in _RESOURCE_FIELDS}
+    payload = json.dumps(
+        [
+            lake.committed(dataset, vision).get(NO_PERTURBATION),
+            lake.committed(dataset, language).get(NO_PERTURBATION),
+            scoring,
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def run_align(
-    lake: Lake | str, datasets: list[str], specs: list[ModelSpec], options: AlignOptions
+    lake: Lake | str,
+    datasets: list[str],
+    specs: list[ModelSpec],
+    options: AlignOptions,
+    only_changed: bool = False,
 ) -> list[dict]:
-    """Fan out one Ray task per (vision model, language model, dataset)."""
+    """Fan out one Ray task per (vision model, language model, dataset).
+
+    With ``only_changed``, pairs whose results were computed from the same inputs (embedding
+    partitions and options) are skipped and reported with ``"skipped": True``.
+    """
     lake = Lake(lake) if isinstance(lake, str) else lake
+    vision = [s for s in specs if s.modality == "vision"]
+    language = [s for s in specs if s.modality == "language"]
+    if not vision or not language:
+        raise ValueError("alignment needs at least one vision and one language model")
+    jobs, skipped = [], []
+    for ds in datasets:
+        for v in vision:
+            for t in language:
+                current = lake.results_inputs_hash("layerwise", results_name(ds, v.name, t.name))
+                if only_changed and current == inputs_hash(lake, ds, v.name, t.name, options):
+                    skipped.append(
+                        {
+                            "dataset": ds,
+                            "vision_model": v.name,
+                            "language_model": t.name,
+                            "skipped": True,
+                        }
+                    )
+                else:
+                    jobs.append((ds, v, t))
+    if not jobs:
+        return skipped
     ensure_ray()
     gpus = options.gpus_per_task
     if gpus is None:
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     task = ray.remote(align_pair).options(num_cpus=options.cpus_per_task, num_gpus=gpus)
     run_id = new_run_id()
-    vision = [s for s in specs if s.modality == "vision"]
-    language = [s for s in specs if s.modality == "language"]
-    if not vision or not language:
-        raise ValueError("alignment needs at least one vision and one language model")
     refs = [
         task.remote(lake.uri, ds, v.model_dump(), t.model_dump(), options, run_id)
-        for ds in datasets
-        for v in vision
-        for t in language
+        for ds, v, t in jobs
     ]
     try:
-        return ray.get(refs)
+        return skipped + ray.get(refs)
     finally:
         lake.discard(run_id)

@@ -1,4 +1,4 @@
-"""The ``vlray`` command line: demo, extract, align, sql, bench."""
+"""The ``vlray`` command line: demo, extract, align, refresh, sql, bench."""
 
 from __future__ import annotations
 
@@ -60,10 +60,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from vlray.pipeline import run_extract
 
     config = _load_run_config(args)
-    lake = args.lake or config.lake
-    if not lake:
-        raise ValueError("no lake: pass --lake LAKE (or set `lake:` in the config)")
-    summary = run_extract(config, lake)
+    summary = run_extract(config, _lake_of(args, config))
     print("\n".join(summary.lines()))
     return 0
 
@@ -71,26 +68,54 @@ def cmd_extract(args: argparse.Namespace) -> int:
 # --- align ------------------------------------------------------------------------------
 
 
+def _lake_of(args: argparse.Namespace, config) -> str:
+    lake = args.lake or config.lake
+    if not lake:
+        raise ValueError("no lake: pass --lake LAKE (or set `lake:` in the config)")
+    return lake
+
+
+def _print_align(done: list[dict], started: float) -> None:
+    for r in done:
+        pair = f"  {r['dataset']:<12} {r['vision_model']:<26} x {r['language_model']:<20}"
+        if r.get("skipped"):
+            print(f"{pair} up to date (nothing to do)")
+        else:
+            print(f"{pair} n={r['n']:<6} {r['rows']:>6} scores  {r['seconds']:6.1f}s")
+    ran = [r for r in done if not r.get("skipped")]
+    print(
+        f"align: {len(ran)} model pair(s), {sum(r['rows'] for r in ran)} scores written to "
+        f"the alignment table, {time.time() - started:.1f}s"
+    )
+
+
 def cmd_align(args: argparse.Namespace) -> int:
     from vlray.align import run_align
 
     config = _load_run_config(args)
-    lake = args.lake or config.lake
-    if not lake:
-        raise ValueError("no lake: pass --lake LAKE (or set `lake:` in the config)")
+    lake = _lake_of(args, config)
     started = time.time()
-    done = run_align(
-        lake, [d.name for d in config.datasets], config.specs(), config.align.options()
-    )
-    for r in done:
-        print(
-            f"  {r['dataset']:<12} {r['vision_model']:<26} x {r['language_model']:<20} "
-            f"n={r['n']:<6} {r['rows']:>6} scores  {r['seconds']:6.1f}s"
-        )
-    print(
-        f"align: {len(done)} model pair(s), {sum(r['rows'] for r in done)} scores written to "
-        f"the alignment table, {time.time() - started:.1f}s"
-    )
+    datasets = [d.name for d in config.datasets]
+    _print_align(run_align(lake, datasets, config.specs(), config.align.options()), started)
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    """Only what is missing or stale: new models or datasets, changed model configs or items,
+    then alignment for the pairs whose inputs changed."""
+    from vlray.align import run_align
+    from vlray.pipeline import run_extract
+
+    config = _load_run_config(args)
+    lake = _lake_of(args, config)
+    started = time.time()
+    summary = run_extract(config, lake)
+    print("\n".join(summary.lines()))
+    datasets = [d.name for d in config.datasets]
+    done = run_align(lake, datasets, config.specs(), config.align.options(), only_changed=True)
+    _print_align(done, started)
+    if all(r.skipped for r in summary.results) and all(r.get("skipped") for r in done):
+        print("refresh: nothing new; the lake is up to date")
     return 0
 
 
@@ -131,9 +156,16 @@ def _print_table(table, fmt: str, max_rows: int) -> None:
         import polars as pl
 
         width = shutil.get_terminal_size((200, 40)).columns
-        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=40, float_precision=4,
-                       tbl_width_chars=width, fmt_table_cell_list_len=4,
-                       tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True):
+        with pl.Config(
+            tbl_rows=max_rows,
+            tbl_cols=-1,
+            fmt_str_lengths=40,
+            float_precision=4,
+            tbl_width_chars=width,
+            fmt_table_cell_list_len=4,
+            tbl_hide_column_data_types=True,
+            tbl_hide_dataframe_shape=True,
+        ):
             print(pl.from_arrow(table) if table.num_columns else "(no rows)")
 
 
@@ -221,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--config", required=True, help="run config (YAML) with an align section")
     align.add_argument("--lake", help="lake path or URI")
     align.set_defaults(func=cmd_align, manifest=None, models=None)
+
+    refresh = sub.add_parser("refresh", help="compute only what is new or stale (scheduled runs)")
+    refresh.add_argument("--config", required=True, help="run config (YAML)")
+    refresh.add_argument("--lake", help="lake path or URI")
+    refresh.set_defaults(func=cmd_refresh, manifest=None, models=None)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured side by side")
     bench.add_argument("what", choices=("metrics",))

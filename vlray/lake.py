@@ -50,6 +50,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 FINGERPRINT_KEY = b"vlray.items_fingerprint"
+INPUTS_KEY = b"vlray.inputs_hash"
 
 
 class LakeError(RuntimeError):
@@ -242,12 +243,27 @@ class Lake:
     def results_dir(self, table: str, study: str) -> str:
         return self.path("results", table, f"study={partition_value(study)}")
 
+    def results_file(self, study: str, name: str, results_table: str = "alignment") -> str:
+        return f"{self.results_dir(results_table, study)}/part-{partition_value(name)}.parquet"
+
     def write_results(
-        self, study: str, name: str, table: pa.Table, run_id: str, results_table: str = "alignment"
+        self, study: str, name: str, table: pa.Table, run_id: str, inputs_hash: str
     ) -> None:
-        """Replace one results file atomically: a re-run replaces its rows, never duplicates."""
-        final = f"{self.results_dir(results_table, study)}/part-{partition_value(name)}.parquet"
-        self.replace_file(table, final, run_id)
+        """Replace one results file atomically: a re-run replaces its rows, never duplicates.
+
+        ``inputs_hash`` (what the rows were computed from) travels in the file's metadata, so
+        that ``refresh`` can tell stale results from current ones without recomputing them.
+        """
+        table = table.replace_schema_metadata({INPUTS_KEY: inputs_hash.encode()})
+        self.replace_file(table, self.results_file(study, name), run_id)
+
+    def results_inputs_hash(self, study: str, name: str) -> str | None:
+        """The inputs hash a results file was computed from (None: no such file)."""
+        path = self.results_file(study, name)
+        if not self.exists(path):
+            return None
+        value = (pq.read_schema(path, filesystem=self.fs).metadata or {}).get(INPUTS_KEY)
+        return value.decode() if value else None
 
     # --- manifest --------------------------------------------------------------------------
     def manifest(self) -> pa.Table:

@@ -1,0 +1,76 @@
+"""`vlray refresh`: only what is new or stale, and nothing at all when nothing changed."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from vlray.cli import main
+from vlray.lake import Lake
+from vlray.sql import connect, run_query
+
+from .conftest import SMALL_WORLD
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _config(path, catalog: str | None = None) -> str:
+    world = ", ".join(f"{k}: {v}" for k, v in SMALL_WORLD.items())
+    text = (
+        f"datasets: [{{name: shapes, source: shapes, params: {{{world}}}}}]\n"
+        "models: [tiny_vit_random, tiny_gpt2_random]\n"
+        "align: {metrics: [cka], bootstrap: 0, permutations: 0}\n"
+    )
+    if catalog:
+        text += f"catalog: [{catalog}]\n"
+    path.write_text(text)
+    return str(path)
+
+
+def _files(lake: str) -> dict[str, int]:
+    import os
+
+    return {f: os.stat(f).st_mtime_ns for f in Lake(lake).list_files(Lake(lake).root)}
+
+
+def test_refresh_does_only_what_changed(small_lake, tmp_path, capsys):
+    source, _ = small_lake
+    lake = str(tmp_path / "lake")
+    shutil.copytree(source, lake)
+    config = _config(tmp_path / "refresh.yaml")
+
+    # Embeddings are there already; the alignment of the pair with these options is not.
+    assert main(["refresh", "--config", config, "--lake", lake]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date (nothing to do)") == 2  # both models' embeddings
+    assert "align: 1 model pair(s), 9 scores" in out
+
+    # Nothing new: nothing is computed, not a file is touched, and it says so.
+    before = _files(lake)
+    assert main(["refresh", "--config", config, "--lake", lake]) == 0
+    assert "nothing new; the lake is up to date" in capsys.readouterr().out
+    assert _files(lake) == before
+
+    # A changed layer config makes that model's partitions stale: they are recomputed and
+    # replaced (not duplicated), and only the pairs involving it are re-aligned.
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        "tiny_gpt2_random:\n  modality: language\n  source: hf\n  id: gpt2\n  init: random\n"
+        "  pooling: [last_token, mean]\n  tokenizer: minilm_l6\n  layers: [0, 2]\n"
+        "  kwargs: {n_layer: 2, n_embd: 64, n_head: 2, vocab_size: 30522, n_positions: 128,"
+        " bos_token_id: 101, eos_token_id: 102}\n"
+    )
+    changed = _config(tmp_path / "changed.yaml", catalog=str(catalog))
+    assert main(["refresh", "--config", changed, "--lake", lake]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_vit_random" in out and out.count("up to date (nothing to do)") == 1
+    assert "align: 1 model pair(s), 6 scores" in out  # 3 vision layers x 2 language layers
+    con = connect(lake)
+    layers = run_query(con, "SELECT DISTINCT layer FROM embeddings WHERE model = "
+                            "'tiny_gpt2_random' ORDER BY layer").column("layer").to_pylist()
+    assert layers == [0, 1]  # two tapped layers now, numbered in order; old rows gone
+    dup = run_query(con, "SELECT count(*) AS n FROM (SELECT item_id, layer, pooling, "
+                         "perturbation FROM embeddings WHERE model = 'tiny_gpt2_random' "
+                         "GROUP BY ALL HAVING count(*) > 1)").to_pylist()[0]["n"]
+    assert dup == 0
