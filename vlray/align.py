@@ -213,11 +213,12 @@ def run_align(
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     task = ray.remote(align_pair).options(num_cpus=options.cpus_per_task, num_gpus=gpus)
     run_id = new_run_id()
-    refs = [
-        task.remote(lake.uri, ds, v.model_dump(), t.model_dump(), options, run_id)
-        for ds, v, t in jobs
-    ]
-    try:
-        return skipped + ray.get(refs)
-    finally:
-        lake.discard(run_id)
+    with lake.writer_lock(run_id):
+        refs = [
+            task.remote(lake.uri, ds, v.model_dump(), t.model_dump(), options, run_id)
+            for ds, v, t in jobs
+        ]
+        try:
+            return skipped + ray.get(refs)
+        finally:
+            lake.discard(run_id)

@@ -390,7 +390,8 @@ def extract_model(
     run_id: str,
     root: str | None = None,
 ) -> ModelResult:
-    """Embed one dataset with one model, computing only the partitions that are missing."""
+    """Embed one dataset with one model, computing only the partitions that are missing or
+    stale (their config hash covers the model spec and the dataset's items)."""
     from vlray.models import layer_names as model_layer_names
     from vlray.models import model_revision
 
@@ -455,8 +456,9 @@ def _staged_quarantine(
     rows = []
     for f in files:
         for r in pq.read_table(f, filesystem=lake.fs).to_pylist():
-            # Decode failures are the item's own fault (every model would fail it); embed and
-            # validate failures here depend on the model, so they carry its name.
+            # Every row refused during this model's job carries the model's name, so that the
+            # per-model bookkeeping (sql/accounting.sql) balances; a bad image therefore
+            # appears once per vision model.
             rows.append(
                 quarantine_row(
                     dataset=dataset,

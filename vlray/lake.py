@@ -6,6 +6,7 @@ LAKE/embeddings/dataset=D/model=M/perturbation=P/part-L{layer}-*.parquet
 LAKE/quarantine/dataset=D/part-*.parquet
 LAKE/results/alignment/study=S/part-*.parquet
 LAKE/_manifest/*.parquet            one row per committed partition
+LAKE/_lock                          held by the run writing the lake
 LAKE/_staging/RUN/...               work in progress, never read by the views
 ```
 
@@ -20,8 +21,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
+import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -48,6 +53,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("run_id", pa.string()),
     ]
 )
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = b"vlray.items_fingerprint"
 INPUTS_KEY = b"vlray.inputs_hash"
@@ -169,6 +176,85 @@ class Lake:
         self.write_table(table, staged)
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         self.fs.move(staged, final)
+
+    @contextmanager
+    def writer_lock(self, run_id: str) -> Iterator[None]:
+        """Hold the lake's writer lock for a run: a second run against the same lake stops at
+        once with a message naming the holder, instead of interleaving commits.
+
+        Local lakes use an exclusive create; a lock left by a dead process on this host is
+        taken over. Object stores have no exclusive create, so there the check is best effort.
+        """
+        path = self.path("_lock")
+        mine = {
+            "run_id": run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+        except OSError as err:
+            raise LakeError(f"cannot write the lake {self.uri}: {err}") from None
+        if not self._create_lock(path, mine):
+            holder = self._read_lock(path)
+            if not self._stale(holder) or not self._take_over(path, holder, mine):
+                raise LakeError(
+                    f"the lake {self.uri} is being written by run {holder.get('run_id')} "
+                    f"(pid {holder.get('pid')} on {holder.get('host')}, since "
+                    f"{holder.get('since')}); try again when it ends, or delete {path} if "
+                    "that run is dead"
+                )
+        try:
+            yield
+        finally:
+            if self._read_lock(path).get("run_id") == run_id:
+                self.fs.delete_file(path)
+
+    def _create_lock(self, path: str, mine: dict) -> bool:
+        data = json.dumps(mine).encode()
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.exists(path):
+            return False
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+        return True
+
+    def _read_lock(self, path: str) -> dict:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return json.loads(f.read() or b"{}")
+        except (FileNotFoundError, OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        """A lock whose process, on this host, no longer exists."""
+        if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _take_over(self, path: str, holder: dict, mine: dict) -> bool:
+        log.warning(
+            "taking over the lake lock of dead run %s (pid %s)",
+            holder.get("run_id"),
+            holder.get("pid"),
+        )
+        self.fs.delete_file(path)
+        return self._create_lock(path, mine)
 
     def discard(self, run_id: str) -> None:
         """Remove a run's staging area (after a commit, or after a failure)."""

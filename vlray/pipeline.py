@@ -57,28 +57,41 @@ def run_extract(
     run_id = new_run_id()
     summary = ExtractSummary(run_id=run_id)
     started = time.time()
-    try:
-        fingerprints, roots = {}, {}
-        for ds in config.datasets:
-            items, refused = load_source(ds.source, ds.name, ds.params)
-            fingerprints[ds.name] = lake.write_items(ds.name, items, refused, run_id)
-            summary.refused_by_source[ds.name] = refused.num_rows
-            roots[ds.name] = ds.params.get("root")
-        ensure_ray()
-        for spec in specs:
-            for ds in config.datasets:
-                summary.results.append(
-                    extract_model(
-                        lake,
-                        ds.name,
-                        spec,
-                        fingerprints[ds.name],
-                        options,
-                        run_id,
-                        root=roots[ds.name],
-                    )
-                )
-    finally:
-        lake.discard(run_id)  # committed partitions were moved out; the rest is debris
+    with lake.writer_lock(run_id):
+        try:
+            _extract_all(config, lake, specs, options, run_id, summary)
+        finally:
+            lake.discard(run_id)  # committed partitions were moved out; the rest is debris
     summary.seconds = time.time() - started
     return summary
+
+
+def _extract_all(
+    config: RunConfig,
+    lake: Lake,
+    specs,
+    options: ExtractOptions,
+    run_id: str,
+    summary: ExtractSummary,
+) -> None:
+    """Items first (cheap, and what the model jobs read), then one job per (model, dataset)."""
+    fingerprints, roots = {}, {}
+    for ds in config.datasets:
+        items, refused = load_source(ds.source, ds.name, ds.params)
+        fingerprints[ds.name] = lake.write_items(ds.name, items, refused, run_id)
+        summary.refused_by_source[ds.name] = refused.num_rows
+        roots[ds.name] = ds.params.get("root")
+    ensure_ray()
+    for spec in specs:
+        for ds in config.datasets:
+            summary.results.append(
+                extract_model(
+                    lake,
+                    ds.name,
+                    spec,
+                    fingerprints[ds.name],
+                    options,
+                    run_id,
+                    root=roots[ds.name],
+                )
+            )
