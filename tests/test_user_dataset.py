@@ -62,11 +62,9 @@ EXPECTED = {  # item_id -> (modality, stage, words in the reason)
 }
 
 
-@pytest.fixture(scope="module")
-def user_lake(ray_session, user_dataset, tmp_path_factory):
-    manifest, root, _ = user_dataset
-    lake = str(tmp_path_factory.mktemp("user") / "lake")
-    code = main(
+def extract_manifest(manifest, root, models: str, lake) -> int:
+    """`vlray extract --manifest ... --root ... --models ... --lake ...`, as a user types it."""
+    return main(
         [
             "extract",
             "--manifest",
@@ -74,11 +72,18 @@ def user_lake(ray_session, user_dataset, tmp_path_factory):
             "--root",
             str(root),
             "--models",
-            "tiny_vit_random,tiny_gpt2_random",
+            models,
             "--lake",
-            lake,
+            str(lake),
         ]
     )
+
+
+@pytest.fixture(scope="module")
+def user_lake(ray_session, user_dataset, tmp_path_factory):
+    manifest, root, _ = user_dataset
+    lake = str(tmp_path_factory.mktemp("user") / "lake")
+    code = extract_manifest(manifest, root, "tiny_vit_random,tiny_gpt2_random", lake)
     assert code == 0
     return lake
 
@@ -134,19 +139,7 @@ def test_rows_in_equal_rows_written_plus_quarantined(user_lake, user_dataset):
 
 def test_one_more_model_computes_only_that_model(user_lake, user_dataset, capsys):
     manifest, root, _ = user_dataset
-    code = main(
-        [
-            "extract",
-            "--manifest",
-            str(manifest),
-            "--root",
-            str(root),
-            "--models",
-            "tiny_vit_random,tiny_gpt2_random,minilm_l6",
-            "--lake",
-            user_lake,
-        ]
-    )
+    code = extract_manifest(manifest, root, "tiny_vit_random,tiny_gpt2_random,minilm_l6", user_lake)
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("up to date") == 2
@@ -156,19 +149,7 @@ def test_one_more_model_computes_only_that_model(user_lake, user_dataset, capsys
 def test_unknown_model_fails_before_any_work(user_dataset, tmp_path, capsys):
     manifest, root, _ = user_dataset
     lake = tmp_path / "lake"
-    code = main(
-        [
-            "extract",
-            "--manifest",
-            str(manifest),
-            "--root",
-            str(root),
-            "--models",
-            "tiny_vit_random,resnet9000",
-            "--lake",
-            str(lake),
-        ]
-    )
+    code = extract_manifest(manifest, root, "tiny_vit_random,resnet9000", str(lake))
     assert code == 2
     assert "field 'models.1': unknown model 'resnet9000'" in capsys.readouterr().err
     assert not lake.exists()
