@@ -254,7 +254,11 @@ class Lake:
             holder.get("pid"),
         )
         self.fs.delete_file(path)
-        return self._create_lock(path, mine)
+        if not self._create_lock(path, mine):
+            return False
+        if holder.get("run_id"):
+            self.discard(str(holder["run_id"]))  # the dead run's half-written staging
+        return True
 
     def discard(self, run_id: str) -> None:
         """Remove a run's staging area (after a commit, or after a failure)."""
