@@ -99,13 +99,8 @@ def load_layers(
 
 
 def _layer_names(lake: Lake, dataset: str, model: str, perturbation: str) -> list[str]:
-    m = lake.manifest()
-    rows = m.filter(
-        (pc.field("dataset") == dataset)
-        & (pc.field("model") == model)
-        & (pc.field("perturbation") == perturbation)
-    ).to_pylist()
-    return json.loads(rows[0]["layer_names"]) if rows else []
+    record = lake.partitions(dataset, model).get(perturbation)
+    return json.loads(record["layer_names"]) if record else []
 
 
 def take_rows(stack: LayerStack, ids: np.ndarray) -> LayerStack:

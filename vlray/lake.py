@@ -376,14 +376,17 @@ class Lake:
             [("dataset", "ascending"), ("model", "ascending"), ("perturbation", "ascending")]
         )
 
-    def committed(self, dataset: str, model: str) -> dict[str, str]:
-        """perturbation -> config hash of the partitions committed for a (dataset, model)."""
-        m = self.manifest().to_pylist()
+    def partitions(self, dataset: str, model: str) -> dict[str, dict]:
+        """perturbation -> manifest record of the partitions committed for a (dataset, model)."""
         return {
-            r["perturbation"]: r["config_hash"]
-            for r in m
+            r["perturbation"]: r
+            for r in self.manifest().to_pylist()
             if r["dataset"] == dataset and r["model"] == model
         }
+
+    def committed(self, dataset: str, model: str) -> dict[str, str]:
+        """perturbation -> config hash of the partitions committed for a (dataset, model)."""
+        return {p: r["config_hash"] for p, r in self.partitions(dataset, model).items()}
 
     def commit_partition(self, staged: str, record: dict) -> None:
         """Make a staged partition visible, then record it in the manifest."""
