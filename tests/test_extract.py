@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from vlray.catalog import get_spec
 from vlray.config import validate_config
@@ -155,17 +157,22 @@ def test_a_failed_run_leaves_the_lake_as_it_was(small_lake, tmp_path):
 
 def test_embed_stage_turns_bad_rows_into_quarantine_records():
     """The actor keeps good rows and reports the rest; it never fails a whole batch."""
-    from vlray.extract import EmbedActor
+    from vlray.extract import EmbedActor, tokenize_batch
 
-    actor = EmbedActor(get_spec("tiny_gpt2_random").model_dump())
-    batch = {
-        "item_id": np.array(["a", "b", "c"], dtype=object),
-        "perturbation": np.array(["none"] * 3, dtype=object),
-        "source": np.array(["s:1", "s:2", "s:3"], dtype=object),
-        "text": np.array(["a red circle", "a blue star", "a green cross"], dtype=object),
-        "word": np.array([None, "octagon", "green cross"], dtype=object),
-    }
-    out = actor(batch).to_pylist()
+    spec = get_spec("tiny_gpt2_random")
+    actor = EmbedActor(spec.model_dump())
+    texts = pa.table(
+        {
+            "item_id": ["a", "b", "c"],
+            "perturbation": ["none"] * 3,
+            "source": ["s:1", "s:2", "s:3"],
+            "text": ["a red circle", "a blue star", "a green cross"],
+            "word": [None, "octagon", "green cross"],
+        }
+    )
+    tokenized = tokenize_batch(texts, spec.model_dump_json())
+    out = actor({c: tokenized[c].to_numpy(zero_copy_only=False) for c in tokenized.column_names})
+    out = out.to_pylist()
     errors = [r for r in out if r["stage"]]
     assert [(r["item_id"], r["stage"]) for r in errors] == [("b", "validate")]
     assert "'octagon' does not occur" in errors[0]["reason"]
@@ -173,13 +180,14 @@ def test_embed_stage_turns_bad_rows_into_quarantine_records():
     assert good == {("a", "last_token"), ("a", "mean"), ("c", "word_span")}
 
     vision = EmbedActor(get_spec("tiny_vit_random").model_dump())
-    pixels = np.zeros((2, 64, 64, 3), dtype=np.uint8)
     out = vision(
         {
             "item_id": np.array(["ok", "broken"], dtype=object),
             "perturbation": np.array(["none", "none"], dtype=object),
             "source": np.array(["x.png", "y.jpg"], dtype=object),
-            "pixels": pixels,
+            "image": np.array([None, None], dtype=object),
+            "pixels": np.array([bytes(64 * 64 * 3), None], dtype=object),
+            "on_device": np.array([False, False]),
             "error_stage": np.array(["", "decode"], dtype=object),
             "error_reason": np.array(["", "truncated JPEG"], dtype=object),
         }
@@ -208,3 +216,39 @@ def test_non_finite_embeddings_are_found_per_row():
     assert Pooled(5, "mean", np.array([4, 7, 9]), bad).without(np.array([7, 9])).rows.tolist() == [
         4
     ]
+
+
+def test_gpu_decoding_path_embeds_like_the_cpu_path():
+    """decode='device' passes JPEG bytes to the actor, which decodes them there (nvJPEG on a
+    GPU, libjpeg here); PNGs still decode on the CPU stage. Embeddings match the CPU path."""
+    from vlray.bench.workload import photo_jpegs
+    from vlray.extract import EmbedActor, decode_batch
+    from vlray.models import image_input
+
+    spec = get_spec("tiny_vit_random")
+    inp = image_input(spec)
+    png = io.BytesIO()
+    Image.new("RGB", (90, 70), (200, 30, 30)).save(png, "PNG")
+    items = pa.table(
+        {
+            "item_id": ["j0", "j1", "p0", "bad"],
+            "perturbation": ["none"] * 4,
+            "source": ["a", "b", "c", "d"],
+            "image": [*photo_jpegs(2), png.getvalue(), b"not an image"],
+            "image_path": pa.nulls(4, pa.string()),
+        }
+    )
+    actor = EmbedActor(spec.model_dump())
+    outs = {}
+    for on_device in (False, True):
+        staged = decode_batch(items, inp.size, inp.resize, inp.interpolation, None, on_device)
+        assert staged["on_device"].to_pylist() == [on_device, on_device, False, False]
+        batch = {c: staged[c].to_numpy(zero_copy_only=False) for c in staged.column_names}
+        outs[on_device] = {
+            (r["item_id"], r["layer"], r["pooling"]): r for r in actor(batch).to_pylist()
+        }
+    assert outs[True].keys() == outs[False].keys()
+    assert outs[True][("bad", None, None)]["stage"] == "decode"
+    for key, row in outs[False].items():
+        if row["embedding"] is not None:
+            np.testing.assert_allclose(outs[True][key]["embedding"], row["embedding"], atol=0.05)

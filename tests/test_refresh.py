@@ -67,10 +67,19 @@ def test_refresh_does_only_what_changed(small_lake, tmp_path, capsys):
     assert "tiny_vit_random" in out and out.count("up to date (nothing to do)") == 1
     assert "align: 1 model pair(s), 6 scores" in out  # 3 vision layers x 2 language layers
     con = connect(lake)
-    layers = run_query(con, "SELECT DISTINCT layer FROM embeddings WHERE model = "
-                            "'tiny_gpt2_random' ORDER BY layer").column("layer").to_pylist()
+    layers = (
+        run_query(
+            con,
+            "SELECT DISTINCT layer FROM embeddings WHERE model = 'tiny_gpt2_random' ORDER BY layer",
+        )
+        .column("layer")
+        .to_pylist()
+    )
     assert layers == [0, 1]  # two tapped layers now, numbered in order; old rows gone
-    dup = run_query(con, "SELECT count(*) AS n FROM (SELECT item_id, layer, pooling, "
-                         "perturbation FROM embeddings WHERE model = 'tiny_gpt2_random' "
-                         "GROUP BY ALL HAVING count(*) > 1)").to_pylist()[0]["n"]
+    dup = run_query(
+        con,
+        "SELECT count(*) AS n FROM (SELECT item_id, layer, pooling, "
+        "perturbation FROM embeddings WHERE model = 'tiny_gpt2_random' "
+        "GROUP BY ALL HAVING count(*) > 1)",
+    ).to_pylist()[0]["n"]
     assert dup == 0

@@ -126,19 +126,70 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from vlray import bench
 
     if args.what == "metrics":
-        rows = bench.bench_metrics(
-            n=args.n,
-            dim=args.dim,
-            layers=args.layers,
-            metrics=args.metrics.split(","),
-            device=args.device,
-        )
+        gpu = _cuda(args.device)
+        rows = [
+            row
+            # On a GPU both placements: inputs from host memory, and already on the device.
+            for inputs in (("host", "device") if gpu else ("host",))
+            for row in bench.bench_metrics(
+                n=args.n or 2048,
+                dim=args.dim,
+                layers=args.layers,
+                metrics=args.metrics.split(","),
+                device=args.device,
+                repeats=args.repeats or (3 if gpu else 1),
+                inputs=inputs,
+            )
+        ]
         bench.print_rows(rows)
         if args.large_n:
             bench.print_rows(
                 [bench.bench_knn_memory(n=args.large_n, dim=args.dim, layers=args.layers)]
             )
+    else:
+        _bench_extract(args)
     return 0
+
+
+def _cuda(device: str | None) -> bool:
+    import torch
+
+    return device.startswith("cuda") if device else torch.cuda.is_available()
+
+
+def _bench_extract(args: argparse.Namespace) -> None:
+    import torch
+
+    from vlray.bench import print_rows
+    from vlray.bench.extract import bench_extract
+    from vlray.catalog import get_spec
+    from vlray.extract import ExtractOptions
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.startswith("cuda")
+    # A base-size model and a realistic n on a GPU; small real models and few items on a CPU.
+    names = (
+        args.models.split(",")
+        if args.models
+        else (
+            ["vit_b16_random", "bert_base_random"] if gpu else ["efficientnet_lite0", "minilm_l6"]
+        )
+    )
+    n = args.n or (40_000 if gpu else 256)
+    batch_sizes = (
+        [int(b) for b in args.batch_sizes.split(",")]
+        if args.batch_sizes
+        else ([256, 512, 1024] if gpu else [32])
+    )
+    for name in names:
+        spec = get_spec(name)
+        if args.tokenizer and spec.modality == "language":
+            spec = spec.model_copy(update={"tokenizer": args.tokenizer})
+        options = ExtractOptions(
+            batch_size=args.batch_size or (512 if gpu else 32),
+            gpus_per_actor=1.0 if gpu else 0.0,
+        )
+        print_rows(bench_extract(spec, n, device, batch_sizes, options, seconds=args.seconds))
 
 
 # --- sql ------------------------------------------------------------------------------
@@ -260,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.set_defaults(func=cmd_refresh, manifest=None, models=None)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured side by side")
-    bench.add_argument("what", choices=("metrics",))
-    bench.add_argument("--n", type=int, default=2048, help="items")
+    bench.add_argument("what", choices=("metrics", "extract"))
+    bench.add_argument(
+        "--n", type=int, help="items (metrics: 2048; extract: 40,000 on a GPU, 256 on a CPU)"
+    )
     bench.add_argument("--dim", type=int, default=768, help="width of every layer")
     bench.add_argument("--layers", type=int, default=13, help="layers on each side")
     bench.add_argument("--metrics", default="mutual_knn,cka")
@@ -272,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="also one mutual_knn grid at this n, reporting peak GPU memory",
     )
+    bench.add_argument("--repeats", type=int, help="metrics: best of this many (GPU: 3)")
+    bench.add_argument("--models", help="extract: catalog names (default: base-size on GPU)")
+    bench.add_argument("--batch-size", type=int, help="extract: the pipeline's batch size")
+    bench.add_argument("--batch-sizes", help="extract: model-only batch sizes to try, e.g. 256,512")
+    bench.add_argument("--seconds", type=float, default=2.0, help="extract: time per rate")
+    bench.add_argument("--tokenizer", help="extract: tokenizer folder for language models")
     bench.set_defaults(func=cmd_bench)
 
     sql = sub.add_parser("sql", help="query the lake with DuckDB (read-only)")
@@ -297,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     from vlray.catalog import CatalogError
     from vlray.config import ConfigError
     from vlray.lake import LakeError
-    from vlray.sql import QueryError
 
     try:
         return args.func(args)
-    except (ConfigError, CatalogError, QueryError, LakeError, ValueError) as err:
+    # QueryError is a ValueError; not importing vlray.sql here keeps DuckDB off other paths.
+    except (ConfigError, CatalogError, LakeError, ValueError) as err:
         return _fail(str(err))
 
 

@@ -37,6 +37,9 @@ class ExtractConfig(BaseModel):
     gpus_per_actor: float | None = Field(default=None, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
+    decode: Literal["auto", "cpu", "device"] = "auto"
+    concurrent_batches: int | None = Field(default=None, ge=1)
+    bucket_rows: int = Field(default=256, ge=1)
 
     def options(self) -> ExtractOptions:
         return ExtractOptions(**self.model_dump())

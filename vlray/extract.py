@@ -9,6 +9,8 @@ reason, and the rest of the run completes.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import time
@@ -61,6 +63,16 @@ class ExtractOptions:
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     torch_threads: int | None = None  # None: every core of the node, on CPU
+    # Where JPEGs are decoded: "device" = nvJPEG on the actor's GPU (CPU tasks only check
+    # headers), "cpu" = Pillow in CPU tasks; auto = device when the actor has a GPU.
+    decode: str = "auto"
+    # Batches one actor works on at once: on a GPU, one computes while another is staged or
+    # turned into Arrow. None: 2 with a GPU, 1 without.
+    concurrent_batches: int | None = None
+    bucket_rows: int = 256  # texts per length bucket inside a batch (less padding)
+    # A local folder where each actor appends one JSON line per batch (start, end, rows):
+    # the extraction benchmark's steady-state clock. None: no trace.
+    trace_dir: str | None = None
 
 
 @dataclass
@@ -77,17 +89,25 @@ class ModelResult:
     seconds: float = 0.0
 
 
-# --- Stage 1 (CPU tasks): read and decode images --------------------------------------------------
+# --- Stage 1 (CPU tasks): read and check or decode images; tokenise texts ----------------------
 
 
 def decode_batch(
-    batch: pa.Table, size: int, resize: int, interpolation: str, root: str | None
-) -> dict[str, np.ndarray]:
-    """Decode, convert to RGB and resize a batch of image items; failures become error rows."""
+    batch: pa.Table,
+    size: int,
+    resize: int,
+    interpolation: str,
+    root: str | None,
+    on_device: bool = False,
+) -> pa.Table:
+    """Read each image; decode, convert and resize it here (``pixels``: raw ``size x size x 3``
+    uint8 bytes), or when ``on_device`` and nvJPEG decodes it exactly, only check its header
+    and pass the encoded bytes on (``image``) for the GPU. Failures become error rows."""
     n = batch.num_rows
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-    stage = np.full(n, "", dtype=object)
-    reason = np.full(n, "", dtype=object)
+    pixels: list[bytes | None] = [None] * n
+    encoded: list[bytes | None] = [None] * n
+    stage = [""] * n
+    reason = [""] * n
     data = batch.column("image").to_pylist()
     paths = batch.column("image_path").to_pylist()
     for i in range(n):
@@ -97,22 +117,70 @@ def decode_batch(
                 stage[i] = "read"
                 raw = images.read_image_bytes(paths[i], root)
             stage[i] = "decode"
-            img = images.decode_image(raw)
-            pixels[i] = images.to_model_input(img, size, resize=resize, interpolation=interpolation)
+            if on_device and images.device_decodable(raw, interpolation):
+                encoded[i] = raw
+            else:
+                img = images.decode_image(raw)
+                pixels[i] = images.to_model_input(
+                    img, size, resize=resize, interpolation=interpolation
+                ).tobytes()
             stage[i] = ""
         except images.ImageError as err:
             reason[i] = str(err)
-    return {
-        "item_id": batch.column("item_id").to_numpy(zero_copy_only=False),
-        "perturbation": batch.column("perturbation").to_numpy(zero_copy_only=False),
-        "source": np.array(
-            [s or p or "" for s, p in zip(batch.column("source").to_pylist(), paths, strict=True)],
-            dtype=object,
-        ),
-        "pixels": pixels,
-        "error_stage": stage,
-        "error_reason": reason,
-    }
+    # Explicit Arrow types: a column of all-null bytes would otherwise lose its type.
+    return pa.table(
+        {
+            "item_id": batch.column("item_id"),
+            "perturbation": batch.column("perturbation"),
+            "source": pa.array(
+                [
+                    s or p or ""
+                    for s, p in zip(batch.column("source").to_pylist(), paths, strict=True)
+                ],
+                pa.string(),
+            ),
+            "image": pa.array(encoded, pa.binary()),
+            "pixels": pa.array(pixels, pa.binary()),
+            "on_device": pa.array([e is not None for e in encoded], pa.bool_()),
+            "error_stage": pa.array(stage, pa.string()),
+            "error_reason": pa.array(reason, pa.string()),
+        }
+    )
+
+
+@functools.cache
+def _tokenizer(spec_json: str):
+    from vlray.models import load_tokenizer
+
+    return load_tokenizer(ModelSpec.model_validate_json(spec_json))
+
+
+def tokenize_batch(batch: pa.Table, spec_json: str) -> pa.Table:
+    """Token ids (and the target word's token range) for each text; rows whose word is not
+    usable become error rows. Runs as CPU tasks, so a GPU never waits on tokenisation."""
+    from vlray.models import tokenize
+
+    spec = ModelSpec.model_validate_json(spec_json)
+    texts = batch.column("text").to_pylist()
+    tokens, errors = tokenize(
+        _tokenizer(spec_json), texts, batch.column("word").to_pylist(), spec.max_length
+    )
+    lengths = np.array([len(x) for x in tokens.ids], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate(tokens.ids) if tokens.ids else np.zeros(0, np.int32)
+    stage = ["validate" if i in errors else "" for i in range(len(texts))]
+    return pa.table(
+        {
+            "item_id": batch.column("item_id"),
+            "perturbation": batch.column("perturbation"),
+            "source": batch.column("source").fill_null(""),
+            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+            "span_start": pa.array(tokens.spans[:, 0]),
+            "span_end": pa.array(tokens.spans[:, 1]),
+            "error_stage": pa.array(stage, pa.string()),
+            "error_reason": pa.array([errors.get(i, "") for i in range(len(texts))]),
+        }
+    )
 
 
 # --- Stage 2 (actor pool): embed --------------------------------------------------------------
@@ -168,9 +236,16 @@ def _non_finite_rows(pooled) -> dict[int, str]:
 
 
 class EmbedActor:
-    """Holds one model on its device; called with batches of decoded images or texts."""
+    """Holds one model on its device; called with batches of decoded images or token ids."""
 
-    def __init__(self, spec: dict, precision: str = "auto", torch_threads: int | None = None):
+    def __init__(
+        self,
+        spec: dict,
+        precision: str = "auto",
+        torch_threads: int | None = None,
+        bucket_rows: int = 256,
+        trace_dir: str | None = None,
+    ):
         import torch
 
         from vlray.models import create_model
@@ -181,14 +256,31 @@ class EmbedActor:
             torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         self.spec = ModelSpec(**spec)
         self.model = create_model(self.spec, precision=precision)
+        if self.spec.modality == "language":
+            self.model.bucket_rows = bucket_rows
+        self.trace = f"{trace_dir}/actor-{os.getpid()}.jsonl" if trace_dir else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.time()
+        out = self._call(batch)
+        if self.trace:
+            with open(self.trace, "a") as f:
+                f.write(json.dumps({"start": started, "end": time.time(), "rows": len(out)}) + "\n")
+        return out
+
+    def _call(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids, perts, sources = (
             np.asarray(batch[c], dtype=object) for c in ("item_id", "perturbation", "source")
         )
-        refused = self._refused(batch)  # batch row -> (stage, reason)
+        refused = {  # batch row -> (stage, reason), from the CPU stage
+            i: (stage, reason)
+            for i, (stage, reason) in enumerate(
+                zip(batch["error_stage"], batch["error_reason"], strict=True)
+            )
+            if stage
+        }
         keep = np.array([i for i in range(len(ids)) if i not in refused], dtype=np.int64)
-        pooled = self._embed(batch, keep) if len(keep) else []
+        pooled = self._embed(batch, keep, refused) if len(keep) else []
         for row, reason in _non_finite_rows(pooled).items():
             refused[row] = ("embed", reason)
         if refused:
@@ -206,36 +298,45 @@ class EmbedActor:
         )
         return pa.concat_tables([_embedding_rows(pooled, ids, perts), errors])
 
-    def _refused(self, batch: dict[str, np.ndarray]) -> dict[int, tuple[str, str]]:
-        """Rows that cannot be embedded: failed decodes, target words missing from the text."""
-        from vlray.models import find_word_span
-
-        if self.spec.modality == "vision":
-            return {
-                i: (stage, reason)
-                for i, (stage, reason) in enumerate(
-                    zip(batch["error_stage"], batch["error_reason"], strict=True)
-                )
-                if stage
-            }
-        refused = {}
-        for i, (text, word) in enumerate(zip(batch["text"], batch["word"], strict=True)):
-            if word:
-                try:
-                    find_word_span(text, word)
-                except ValueError as err:
-                    refused[i] = ("validate", str(err))
-        return refused
-
-    def _embed(self, batch: dict[str, np.ndarray], keep: np.ndarray) -> list:
+    def _embed(self, batch: dict[str, np.ndarray], keep: np.ndarray, refused: dict) -> list:
         """Embed the kept rows; the results index the whole batch."""
+        from vlray.models import Tokens
+
         if self.spec.modality == "vision":
-            pooled = self.model.embed(batch["pixels"][keep])
+            pooled = self.model.embed(self._pixels(batch, keep, refused))
         else:
-            pooled = self.model.embed(
-                [batch["text"][i] for i in keep], [batch["word"][i] for i in keep]
+            tokens = Tokens(
+                ids=[np.asarray(batch["input_ids"][i], dtype=np.int32) for i in keep],
+                spans=np.stack([batch["span_start"][keep], batch["span_end"][keep]], axis=1),
             )
+            pooled = self.model.embed_tokens(tokens)
         return [replace(p, rows=keep[p.rows]) for p in pooled]
+
+    def _pixels(self, batch: dict[str, np.ndarray], keep: np.ndarray, refused: dict):
+        """Model input for the kept rows: decoded on the CPU stage, or here on the GPU."""
+        import torch
+
+        inp = self.model.input
+        size = inp.size
+        on_gpu = [j for j, i in enumerate(keep) if batch["on_device"][i]]
+        on_cpu = [j for j, i in enumerate(keep) if not batch["on_device"][i]]
+        if not on_gpu:
+            raw = b"".join(batch["pixels"][i] for i in keep)
+            return np.frombuffer(raw, dtype=np.uint8).reshape(len(keep), size, size, 3)
+        device = self.model.device
+        decoded, failed = images.decode_on_device(
+            [batch["image"][keep[j]] for j in on_gpu], size, inp.resize, inp.interpolation, device
+        )
+        for k, why in failed.items():
+            refused[int(keep[on_gpu[k]])] = ("decode", why)
+        if not on_cpu:
+            return decoded
+        out = torch.empty((len(keep), size, size, 3), dtype=torch.uint8, device=device)
+        out[torch.as_tensor(on_gpu, device=device)] = decoded
+        raw = b"".join(batch["pixels"][keep[j]] for j in on_cpu)
+        host = torch.from_numpy(np.frombuffer(raw, np.uint8).reshape(-1, size, size, 3).copy())
+        out[torch.as_tensor(on_cpu, device=device)] = host.to(device)
+        return out
 
 
 # --- Stage 3 (write tasks): per-layer Parquet files in a staging area ----------------------------
@@ -278,14 +379,27 @@ class EmbeddingSink(Datasink):
         ok = table.filter(pc.invert(is_error))
         counts: dict[str, int] = defaultdict(int)
         items: dict[str, int] = defaultdict(int)
-        for key in ok.group_by(["perturbation", "layer"]).aggregate([]).to_pylist():
-            pert, layer = key["perturbation"], key["layer"]
-            part = ok.filter((pc.field("perturbation") == pert) & (pc.field("layer") == layer))
-            part = part.sort_by([("item_id", "ascending"), ("pooling", "ascending")])
+        # One sort, then each (perturbation, layer) run is a zero-copy slice.
+        ok = ok.sort_by([(c, "ascending") for c in ("perturbation", "layer", "item_id", "pooling")])
+        perts = pc.dictionary_encode(ok["perturbation"]).combine_chunks()
+        pert_code = perts.indices.to_numpy(zero_copy_only=False)
+        layers = ok["layer"].to_numpy()
+        changes = (
+            np.flatnonzero((pert_code[1:] != pert_code[:-1]) | (layers[1:] != layers[:-1])) + 1
+        )
+        bounds = [0, *changes.tolist(), ok.num_rows]
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            if stop == start:
+                continue
+            part = ok.slice(start, stop - start)
+            pert, layer = perts.dictionary[pert_code[start]].as_py(), int(layers[start])
             out = pa.table(
                 {
                     "item_id": part["item_id"],
-                    "modality": pa.array([self.modality] * part.num_rows).dictionary_encode(),
+                    "modality": pa.DictionaryArray.from_arrays(
+                        pa.array(np.zeros(part.num_rows, dtype=np.int32)),
+                        pa.array([self.modality]),
+                    ),
                     "layer": part["layer"],
                     "pooling": part["pooling"],
                     "embedding": _fixed_size(part["embedding"]),
@@ -295,7 +409,9 @@ class EmbeddingSink(Datasink):
                 f"{self.staging}/perturbation={partition_value(pert)}/"
                 f"part-L{layer:03d}-{tag}.parquet"
             )
-            self.lake.write_table(out, path)
+            # Float embeddings barely compress (a few per cent); writing them plain keeps the
+            # writers ahead of a GPU. Ids and names are dictionary-encoded either way.
+            self.lake.write_table(out, path, compression="none")
             counts[pert] += out.num_rows
             if layer == 0:
                 items[pert] += len(pc.unique(part["item_id"]))
@@ -343,10 +459,12 @@ def build_dataset(
         .select_columns(columns)
         .filter(expr=(col("modality") == modality) & col("perturbation").is_in(perturbations))
     )
+    gpus = _gpus(options)
     if modality == IMAGE:
         from vlray.models import image_input
 
         inp = image_input(spec)
+        on_device = options.decode == "device" or (options.decode == "auto" and gpus > 0)
         ds = ds.map_batches(
             decode_batch,
             batch_format="pyarrow",
@@ -357,19 +475,36 @@ def build_dataset(
                 "resize": inp.resize,
                 "interpolation": inp.interpolation,
                 "root": root,
+                "on_device": on_device,
             },
         )
-    gpus = _gpus(options)
+    else:
+        ds = ds.map_batches(
+            tokenize_batch,
+            batch_format="pyarrow",
+            batch_size=options.batch_size,
+            num_cpus=options.decode_cpus,
+            fn_kwargs={"spec_json": spec.model_dump_json()},
+        )
+    # With a GPU, an actor takes two batches at once: while one computes on its own CUDA
+    # stream, the other is received, staged or converted to Arrow on the CPU.
+    concurrent = options.concurrent_batches or (2 if gpus > 0 else 1)
     return ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
             "spec": spec.model_dump(),
             "precision": options.precision,
             "torch_threads": options.torch_threads,
+            "bucket_rows": options.bucket_rows,
+            "trace_dir": options.trace_dir,
         },
         batch_size=options.batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=options.actors),
+        compute=ActorPoolStrategy(
+            size=options.actors,
+            max_concurrent_calls_per_actor=concurrent,
+            enable_true_multi_threading=concurrent > 1,
+        ),
         num_cpus=options.cpus_per_actor,
         num_gpus=gpus,
         # Ray Data restarts a dead actor and retries its batches by default (a worker lost
@@ -409,7 +544,10 @@ def extract_model(
         result.skipped = True
         return result
     staging = f"{lake.staging_dir(run_id)}/{partition_value(dataset)}/{partition_value(spec.name)}"
-    sink = EmbeddingSink(lake, staging, modality)
+    # About 4,096 items per write task: writers stream beside the model instead of one large
+    # write at the end, and each layer's file stays a few MB to tens of MB.
+    rows_per_item = len(model_layer_names(spec)) * len(spec.pooling)
+    sink = EmbeddingSink(lake, staging, modality, rows_per_write=4096 * rows_per_item)
     ds = build_dataset(lake, dataset, spec, todo, options, root=root)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": options.io_cpus})
 

@@ -83,15 +83,27 @@ def code_version() -> str:
 
 
 def items_fingerprint(items: pa.Table) -> str:
-    """Content hash of an items table: a changed dataset makes its embeddings stale."""
+    """Content hash of an items table: a changed dataset makes its embeddings stale.
+
+    Rows are hashed in (item_id, modality, perturbation) order. The image bytes are hashed
+    row by row rather than sorted as a column: sorting would concatenate every image into one
+    Arrow array, which Arrow refuses beyond 2 GiB (a few tens of thousands of photos).
+    """
+    keys = [("item_id", "ascending"), ("modality", "ascending"), ("perturbation", "ascending")]
+    order = pc.sort_indices(items.select([k for k, _ in keys]), sort_keys=keys)
     h = hashlib.sha256()
-    for batch in items.sort_by(
-        [("item_id", "ascending"), ("modality", "ascending"), ("perturbation", "ascending")]
-    ).to_batches():
+    for batch in items.drop_columns(["image"]).take(order).to_batches():
         for column in batch.columns:
             for buf in column.buffers():
                 if buf is not None:
                     h.update(buf)
+    image = items.column("image")
+    for i in order.to_numpy():
+        value = image[int(i)]
+        data = value.as_buffer() if value.is_valid else None
+        h.update(b"\0" if data is None else len(data).to_bytes(8, "little"))
+        if data is not None:
+            h.update(data)
     return h.hexdigest()[:16]
 
 
@@ -147,11 +159,11 @@ class Lake:
             i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
         )
 
-    def write_table(self, table: pa.Table, path: str) -> None:
+    def write_table(self, table: pa.Table, path: str, compression: str = "snappy") -> None:
         parent = path.rsplit("/", 1)[0]
         try:
             self.fs.create_dir(parent, recursive=True)
-            pq.write_table(table, path, filesystem=self.fs)
+            pq.write_table(table, path, filesystem=self.fs, compression=compression)
         except OSError as err:
             raise LakeError(f"cannot write {path}: {err}") from err
 

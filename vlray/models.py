@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -206,7 +207,9 @@ class VisionEncoder:
         self.input = image_input(spec)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
         self.layer_names = vision_layer_names(spec, model)
-        self._captured: dict[str, torch.Tensor] = {}
+        # Thread-local, so that an actor may run two batches at once (one decoding or writing
+        # while the other computes) without their activations mixing.
+        self._local = threading.local()
         modules = dict(model.named_modules())
         for name in self.layer_names:
             if name not in modules:
@@ -217,7 +220,9 @@ class VisionEncoder:
 
     def _capture(self, name: str):
         def hook(_module, _inputs, output):
-            self._captured[name] = output[0] if isinstance(output, tuple) else output
+            captured = getattr(self._local, "captured", None)
+            if captured is not None:  # None: a forward pass outside embed()
+                captured[name] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
@@ -232,25 +237,53 @@ class VisionEncoder:
         return P.pool_tokens(x, pooling, num_prefix_tokens=self.num_prefix_tokens)
 
     @torch.inference_mode()
-    def embed(self, pixels: np.ndarray) -> list[Pooled]:
-        """Pool every tapped layer for a batch of ``(B, H, W, 3)`` uint8 images."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
-        if self.device.startswith("cuda"):
-            x = x.contiguous(memory_format=torch.channels_last)
-        self._captured.clear()
-        with _autocast(self.device, self.precision):
-            self.model(x)
-        # Pool on the device, then one transfer for all layers: no per-layer synchronisation.
-        pooled = [
-            (i, p, self._pool(self._captured[name], p).float())
-            for i, name in enumerate(self.layer_names)
-            for p in self.spec.pooling
-        ]
-        self._captured.clear()
-        rows = np.arange(len(pixels))
-        host = [t.cpu() for _, _, t in pooled]
-        return [Pooled(i, p, rows, h.numpy()) for (i, p, _), h in zip(pooled, host, strict=True)]
+    def embed(self, pixels: np.ndarray | torch.Tensor) -> list[Pooled]:
+        """Pool every tapped layer for a batch of ``(B, H, W, 3)`` uint8 images (a host array,
+        or a tensor already on the device, as GPU decoding leaves it)."""
+        with device_stream(self.device):
+            if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:
+                pixels = pixels.copy()  # torch refuses to wrap read-only buffers silently
+            x = torch.as_tensor(pixels).to(self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+            if self.device.startswith("cuda"):
+                x = x.contiguous(memory_format=torch.channels_last)
+            self._local.captured = {}
+            with _autocast(self.device, self.precision):
+                self.model(x)
+            captured, self._local.captured = self._local.captured, None
+            rows = np.arange(len(x))
+            pooled = [
+                (i, p, rows, self._pool(captured[name], p))
+                for i, name in enumerate(self.layer_names)
+                for p in self.spec.pooling
+            ]
+            return to_host(pooled)
+
+
+def device_stream(device: str):
+    """A CUDA stream of this thread's own (a no-op on CPU), so concurrent batches overlap."""
+    if not device.startswith("cuda"):
+        return nullcontext()
+    stream = getattr(_STREAMS, "stream", None)
+    if stream is None:
+        stream = _STREAMS.stream = torch.cuda.Stream(device=device)
+    return torch.cuda.stream(stream)
+
+
+_STREAMS = threading.local()
+
+
+def to_host(pooled: list[tuple[int, str, np.ndarray, torch.Tensor]]) -> list[Pooled]:
+    """Pooled device tensors to host arrays in one transfer: no per-layer synchronisation."""
+    if not pooled:
+        return []
+    flat = torch.cat([t.float().reshape(-1) for *_, t in pooled]).cpu().numpy()
+    out, at = [], 0
+    for layer, pooling, rows, t in pooled:
+        size = t.numel()
+        out.append(Pooled(layer, pooling, rows, flat[at : at + size].reshape(t.shape)))
+        at += size
+    return out
 
 
 # --- Language -----------------------------------------------------------------------------------
@@ -267,6 +300,17 @@ def _tokenizer_location(spec: ModelSpec) -> tuple[str, str | None]:
         return spec.tokenizer, None
     other = get_spec(spec.tokenizer)
     return _hf_location(other), other.revision if other.source == "hf" else None
+
+
+def load_tokenizer(spec: ModelSpec):
+    """A language model's fast tokenizer (its own, or the one its catalog entry borrows)."""
+    from transformers import AutoTokenizer
+
+    location, revision = _tokenizer_location(spec)
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, use_fast=True)
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers have no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _hf_config(spec: ModelSpec):
@@ -315,26 +359,77 @@ def hidden_state_indices(spec: ModelSpec, config) -> list[int]:
     return indices
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """Texts as token ids, made on a CPU (a Ray task) without the model."""
+
+    ids: list[np.ndarray]  # one int32 array per text, special tokens included
+    spans: np.ndarray  # (n, 2) token range [start, end) of the target word; -1 where none
+
+
+def tokenize(
+    tokenizer, texts: Sequence[str], words: Sequence[str | None] | None, max_length: int
+) -> tuple[Tokens, dict[int, str]]:
+    """Token ids for each text, and for texts with a target word the range of its sub-word
+    tokens. Returns the tokens and ``{row: reason}`` for texts whose word is not usable
+    (absent from the text, or cut off by ``max_length``); those rows get no span."""
+    texts = list(texts)
+    words = list(words) if words is not None else [None] * len(texts)
+    need_offsets = any(words)
+    enc = tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=need_offsets,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+    spans = np.full((len(texts), 2), -1, dtype=np.int32)
+    errors: dict[int, str] = {}
+    for i, word in enumerate(words):
+        if not word:
+            continue
+        try:
+            start, end = find_word_span(texts[i], word)
+        except ValueError as err:
+            errors[i] = str(err)
+            continue
+        # Special tokens have the empty offset (0, 0) and never overlap a non-empty span.
+        hits = [
+            t
+            for t, (a, b) in enumerate(enc["offset_mapping"][i])
+            if a < end and b > start and b > a
+        ]
+        if not hits:
+            errors[i] = f"target word '{word}' lies beyond the first {max_length} tokens"
+            continue
+        spans[i] = (hits[0], hits[-1] + 1)
+    return Tokens(ids, spans), errors
+
+
 class LanguageEncoder:
     """A Hugging Face model read through ``output_hidden_states`` (embeddings + every block)."""
 
     modality = "language"
 
-    def __init__(self, spec: ModelSpec, device: str | None = None, precision: str = "auto"):
-        from transformers import AutoTokenizer
-
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str | None = None,
+        precision: str = "auto",
+        bucket_rows: int = 256,
+    ):
         self.spec = spec
         self.device = device or default_device()
         self.precision = precision
+        self.bucket_rows = bucket_rows
         self.model = _hf_model(spec).eval().to(self.device)
-        location, revision = _tokenizer_location(spec)
-        self.tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, use_fast=True)
-        if self.tokenizer.pad_token is None:  # GPT-2 style tokenizers have no pad token
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(spec)
+        self.pad_id = int(self.tokenizer.pad_token_id)
         self.layer_indices = hidden_state_indices(spec, self.model.config)
         self.layer_names = [_hidden_state_name(i) for i in self.layer_indices]
 
-    @torch.inference_mode()
     def embed(
         self, texts: Sequence[str], words: Sequence[str | None] | None = None
     ) -> list[Pooled]:
@@ -344,45 +439,62 @@ class LanguageEncoder:
         tokens in context); the others get the catalog's poolings. A word that does not occur in
         its text raises ``ValueError`` naming it; check with ``find_word_span`` first.
         """
-        words = list(words) if words is not None else [None] * len(texts)
-        enc = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.spec.max_length,
-            return_tensors="pt",
-            return_offsets_mapping=True,
-        )
-        offsets = enc.pop("offset_mapping").to(self.device)
-        # A borrowed BERT tokenizer (tiny GPT-2 uses MiniLM's) emits segment ids that only
-        # models with a token-type vocabulary (BERT-likes) are meant to read.
-        if not getattr(self.model.config, "type_vocab_size", 0):
-            enc.pop("token_type_ids", None)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        mask = enc["attention_mask"]
+        tokens, errors = tokenize(self.tokenizer, texts, words, self.spec.max_length)
+        if errors:
+            raise ValueError(next(iter(errors.values())))
+        return self.embed_tokens(tokens)
+
+    @torch.inference_mode()
+    def embed_tokens(self, tokens: Tokens) -> list[Pooled]:
+        """Pool every layer for tokenised texts, in length buckets so little is padding."""
+        lengths = np.array([len(x) for x in tokens.ids])
+        order = np.argsort(lengths, kind="stable")
+        n_buckets = max(1, -(-len(order) // self.bucket_rows))
+        pooled: dict[tuple[int, str], list[tuple[np.ndarray, torch.Tensor]]] = {}
+        with device_stream(self.device):
+            for rows in np.array_split(order, n_buckets):
+                if len(rows):
+                    self._embed_bucket(tokens, rows, int(lengths[rows].max()), pooled)
+            merged = [
+                (
+                    layer,
+                    pooling,
+                    np.concatenate([r for r, _ in parts]),
+                    torch.cat([t for _, t in parts]),
+                )
+                for (layer, pooling), parts in pooled.items()
+            ]
+            return to_host(merged)
+
+    def _embed_bucket(self, tokens: Tokens, rows: np.ndarray, width: int, pooled: dict) -> None:
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        for j, r in enumerate(rows):  # right padding: causal models' real tokens are unaffected
+            ids[j, : len(tokens.ids[r])] = tokens.ids[r]
+        ids_t = torch.from_numpy(ids).to(self.device, non_blocking=True)
+        lens = torch.as_tensor([len(tokens.ids[r]) for r in rows], device=self.device)
+        positions = torch.arange(width, device=self.device)
+        mask = (positions[None, :] < lens[:, None]).long()
         with _autocast(self.device, self.precision):
-            hidden = self.model(**enc, output_hidden_states=True).hidden_states
-        span_rows = np.array([i for i, w in enumerate(words) if w])
-        plain_rows = np.array([i for i, w in enumerate(words) if not w])
-        span_mask = span_sel = None
-        if len(span_rows):
-            spans = [find_word_span(texts[i], words[i]) for i in span_rows]
-            span_sel = torch.as_tensor(span_rows, device=self.device)
-            span_mask = P.word_span_mask(offsets[span_sel], mask[span_sel], spans)
-        pooled = []
+            hidden = self.model(input_ids=ids_t, attention_mask=mask, output_hidden_states=True)
+        hidden = hidden.hidden_states
+        spans = tokens.spans[rows]
+        span_local = np.flatnonzero(spans[:, 0] >= 0)
+        plain_local = np.flatnonzero(spans[:, 0] < 0)
+        span_mask = None
+        if len(span_local):
+            s = torch.as_tensor(spans[span_local], device=self.device)
+            span_mask = (positions[None, :] >= s[:, :1]) & (positions[None, :] < s[:, 1:])
         for i, layer in enumerate(self.layer_indices):
             h = hidden[layer]
-            if len(plain_rows):
-                sel = torch.as_tensor(plain_rows, device=self.device)
+            if len(plain_local):
+                sel = torch.as_tensor(plain_local, device=self.device)
                 for p in self.spec.pooling:
-                    pooled.append((i, p, plain_rows, P.pool_tokens(h[sel], p, mask[sel]).float()))
+                    v = P.pool_tokens(h[sel], p, mask[sel])
+                    pooled.setdefault((i, p), []).append((rows[plain_local], v))
             if span_mask is not None:
-                v = P.pool_tokens(h[span_sel], "word_span", span_mask=span_mask)
-                pooled.append((i, "word_span", span_rows, v.float()))
-        host = [t.cpu() for *_, t in pooled]
-        return [
-            Pooled(i, p, rows, h.numpy()) for (i, p, rows, _), h in zip(pooled, host, strict=True)
-        ]
+                sel = torch.as_tensor(span_local, device=self.device)
+                v = P.pool_tokens(h[sel], "word_span", span_mask=span_mask)
+                pooled.setdefault((i, "word_span"), []).append((rows[span_local], v))
 
 
 def find_word_span(text: str, word: str) -> tuple[int, int]:

@@ -1,0 +1,10 @@
+"""Benchmarks that print figures measured side by side in one run (never timed tests).
+
+``vlray bench metrics``: the batched alignment grid against a loop over ``score``.
+``vlray bench extract``: model-only rate, vlray's full extraction and a naive loop.
+"""
+
+from vlray.bench.metrics import bench_knn_memory, bench_metrics, synthetic_layers
+from vlray.bench.table import print_rows
+
+__all__ = ["bench_knn_memory", "bench_metrics", "print_rows", "synthetic_layers"]
