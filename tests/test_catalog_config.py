@@ -79,7 +79,10 @@ def test_bad_catalog_entry_names_model_and_field(tmp_path, entry, field):
             {"datasets": [{"name": "s", "source": "shapes", "params": {"n_scens": 3}}]},
             r"field 'datasets.0': unknown parameter 'n_scens'",
         ),
-        ({"datasets": [{"name": "s", "source": "coco"}]}, r"field 'datasets.0': unknown source"),
+        (
+            {"datasets": [{"name": "s", "source": "no_such_source"}]},
+            r"field 'datasets.0': unknown source",
+        ),
         (
             {"datasets": [{"name": "m", "source": "manifest", "params": {"manifest": "x.csv"}}]},
             r"missing parameter 'root'",
@@ -110,3 +113,16 @@ def test_demo_config_is_valid():
         "minilm_l6",
         "minilm_l6_random",
     ]
+
+
+def test_the_paper_config_names_only_catalog_models_and_known_sources():
+    """pipelines/configs/paper.yaml (the papers' models and datasets) validates as it ships."""
+    from pathlib import Path
+
+    from vlray.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "pipelines/configs/paper.yaml")
+    specs = config.specs()
+    assert {s.modality for s in specs} == {"vision", "language"}
+    assert all(s.init == "pretrained" and s.source in ("timm", "hf") for s in specs)
+    assert {d.source for d in config.datasets} == {"coco", "pickapic", "imagefolder", "parquet"}

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -259,14 +260,24 @@ class EmbedActor:
         if self.spec.modality == "language":
             self.model.bucket_rows = bucket_rows
         self.trace = f"{trace_dir}/actor-{os.getpid()}.jsonl" if trace_dir else None
+        self._laps = threading.local()  # per batch: seconds spent in each phase
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.time()
+        self._laps.last, self._laps.seconds = started, {}
         out = self._call(batch)
         if self.trace:
+            self._lap("arrow")
+            record = {"start": started, "end": time.time(), "rows": len(out), **self._laps.seconds}
             with open(self.trace, "a") as f:
-                f.write(json.dumps({"start": started, "end": time.time(), "rows": len(out)}) + "\n")
+                f.write(json.dumps(record) + "\n")
         return out
+
+    def _lap(self, phase: str) -> None:
+        """Charge the time since the last lap to ``phase`` (the benchmark's breakdown)."""
+        now = time.time()
+        self._laps.seconds[phase] = self._laps.seconds.get(phase, 0.0) + now - self._laps.last
+        self._laps.last = now
 
     def _call(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids, perts, sources = (
@@ -303,13 +314,17 @@ class EmbedActor:
         from vlray.models import Tokens
 
         if self.spec.modality == "vision":
-            pooled = self.model.embed(self._pixels(batch, keep, refused))
+            pixels = self._pixels(batch, keep, refused)
+            self._lap("input")
+            pooled = self.model.embed(pixels)
         else:
             tokens = Tokens(
                 ids=[np.asarray(batch["input_ids"][i], dtype=np.int32) for i in keep],
                 spans=np.stack([batch["span_start"][keep], batch["span_end"][keep]], axis=1),
             )
+            self._lap("input")
             pooled = self.model.embed_tokens(tokens)
+        self._lap("model")
         return [replace(p, rows=keep[p.rows]) for p in pooled]
 
     def _pixels(self, batch: dict[str, np.ndarray], keep: np.ndarray, refused: dict):

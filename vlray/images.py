@@ -328,7 +328,11 @@ def decode_on_device(
 
     out = torch.zeros((len(data), size, size, 3), dtype=torch.uint8, device=device)
     failed: dict[int, str] = {}
-    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    with warnings.catch_warnings():
+        # Wrapping the bytes without a copy: torch warns that they are read-only, and
+        # decode_jpeg only reads them.
+        warnings.simplefilter("ignore", UserWarning)
+        encoded = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
     try:
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # one bad file fails the whole batch: find it one by one

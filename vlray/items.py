@@ -1,9 +1,11 @@
 """The items table: one row per image or text that a model will embed.
 
-Every source (the shapes world, a user manifest, later COCO / Pick-a-Pic loaders) produces a
-pyarrow Table with ``ITEMS_SCHEMA``. The key of a row is ``(item_id, modality, perturbation)``:
-a perturbed image keeps the item id of its original and names the change in ``perturbation``,
-so an original and its perturbed copy join on ``item_id``.
+Every source (the shapes world, a user manifest, COCO captions, Pick-a-Pic, image folders,
+Parquet and WebDataset exports) produces a pyarrow Table with ``ITEMS_SCHEMA``. The key of a
+row is ``(item_id, modality, perturbation)``: a perturbed image keeps the item id of its
+original and names the change in ``perturbation``, so an original and its perturbed copy join
+on ``item_id``. Some sources also return extra tables (``EXTRA_TABLES``): forced-choice trials
+and concepts with their aliases.
 
 Images and texts that describe the same scene share a ``pair_id``: alignment pairs row i of a
 vision model's embeddings with row i of a language model's through it.
@@ -51,7 +53,7 @@ QUARANTINE_SCHEMA = pa.schema(
     [
         pa.field("dataset", pa.string()),
         pa.field("item_id", pa.string()),
-        pa.field("modality", pa.string()),
+        pa.field("modality", pa.string()),  # null for a refused row that is no item (a trial)
         pa.field("perturbation", pa.string()),
         pa.field("stage", pa.string()),  # read | decode | validate | embed
         pa.field("reason", pa.string()),
@@ -63,6 +65,39 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 QUARANTINE_STAGES = ("read", "decode", "validate", "embed")
+
+# Forced-choice trials (Pick-a-Pic): a caption and the images to choose between, with the human
+# preference. ``preferred`` indexes ``image_item_ids`` and is null for a tie; ``label`` holds
+# the raw per-image preference labels (Pick-a-Pic: 1/0, or 0.5/0.5 for a tie).
+TRIALS_SCHEMA = pa.schema(
+    [
+        pa.field("trial_id", pa.string(), nullable=False),
+        pa.field("caption_item_id", pa.string()),
+        pa.field("image_item_ids", pa.list_(pa.string())),
+        pa.field("preferred", pa.int8()),
+        pa.field("label", pa.list_(pa.float32())),
+        pa.field("split", pa.string()),
+        pa.field("source", pa.string()),
+    ]
+)
+
+# Concepts of a concept-level dataset (image folders): the word that names each concept and
+# every alias a retrieval hit may match (the word first), with optional word statistics for
+# the frequency and polysemy breakdowns.
+CONCEPTS_SCHEMA = pa.schema(
+    [
+        pa.field("concept", pa.string(), nullable=False),
+        pa.field("word", pa.string()),
+        pa.field("aliases", pa.list_(pa.string())),
+        pa.field("frequency", pa.float64()),
+        pa.field("polysemy", pa.int32()),
+        pa.field("source", pa.string()),
+    ]
+)
+
+# Tables a source may return besides its items and quarantine, by name; each is stored in the
+# lake at ``LAKE/NAME/dataset=D/part-0.parquet`` and read through the DuckDB view ``NAME``.
+EXTRA_TABLES: dict[str, pa.Schema] = {"trials": TRIALS_SCHEMA, "concepts": CONCEPTS_SCHEMA}
 
 
 def items_table(rows: list[dict]) -> pa.Table:
@@ -102,3 +137,13 @@ def quarantine_row(
 def quarantine_table(rows: list[dict]) -> pa.Table:
     cols = {f.name: [r.get(f.name) for r in rows] for f in QUARANTINE_SCHEMA}
     return pa.Table.from_pydict(cols, schema=QUARANTINE_SCHEMA)
+
+
+def trials_table(rows: list[dict]) -> pa.Table:
+    """Build a trials table (``TRIALS_SCHEMA``) from row dicts; missing fields become null."""
+    return pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA)
+
+
+def concepts_table(rows: list[dict]) -> pa.Table:
+    """Build a concepts table (``CONCEPTS_SCHEMA``) from row dicts; missing fields become null."""
+    return pa.Table.from_pylist(rows, schema=CONCEPTS_SCHEMA)

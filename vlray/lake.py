@@ -4,6 +4,8 @@
 LAKE/items/dataset=D/part-*.parquet
 LAKE/embeddings/dataset=D/model=M/perturbation=P/part-L{layer}-*.parquet
 LAKE/quarantine/dataset=D/part-*.parquet
+LAKE/trials/dataset=D/part-0.parquet      forced-choice trials, for sources that have them
+LAKE/concepts/dataset=D/part-0.parquet    concepts with words and aliases, likewise
 LAKE/results/alignment/study=S/part-*.parquet
 LAKE/_manifest/*.parquet            one row per committed partition
 LAKE/_lock                          held by the run writing the lake
@@ -35,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vlray.items import ITEMS_SCHEMA, QUARANTINE_SCHEMA
+from vlray.items import EXTRA_TABLES, ITEMS_SCHEMA, QUARANTINE_SCHEMA
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -340,6 +342,34 @@ class Lake:
             keep = pc.invert(pc.is_in(old["perturbation"], pa.array(perturbations, pa.string())))
             parts.insert(0, old.filter(keep))
         self.replace_file(pa.concat_tables(parts), path, run_id)
+
+    # --- a source's extra tables (trials, concepts) ------------------------------------------
+    def table_file_for(self, dataset: str, name: str) -> str:
+        if name not in EXTRA_TABLES:
+            raise LakeError(f"unknown table '{name}' (known: {', '.join(EXTRA_TABLES)})")
+        return self.path(name, f"dataset={partition_value(dataset)}", "part-0.parquet")
+
+    def write_table_for(self, dataset: str, name: str, table: pa.Table, run_id: str) -> None:
+        """Replace a dataset's ``name`` table (``vlray.items.EXTRA_TABLES``) atomically; a
+        re-run with the same rows leaves the file as it is."""
+        path = self.table_file_for(dataset, name)
+        table = table.select(EXTRA_TABLES[name].names).cast(EXTRA_TABLES[name])
+        if self.exists(path) and pq.read_table(path, filesystem=self.fs).equals(table):
+            return
+        self.replace_file(table, path, run_id)
+
+    def remove_table_for(self, dataset: str, name: str) -> None:
+        """Drop a dataset's ``name`` table, if its source no longer gives one."""
+        path = self.table_file_for(dataset, name)
+        if self.exists(path):
+            self.fs.delete_file(path)
+
+    def read_table_for(self, dataset: str, name: str) -> pa.Table:
+        """A dataset's ``name`` table; empty (with its schema) if the source gave none."""
+        path = self.table_file_for(dataset, name)
+        if not self.exists(path):
+            return EXTRA_TABLES[name].empty_table()
+        return pq.read_table(path, filesystem=self.fs).cast(EXTRA_TABLES[name])
 
     # --- results ---------------------------------------------------------------------------
     def results_dir(self, table: str, study: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from vlray.cluster import ensure_ray
 from vlray.config import RunConfig
 from vlray.extract import ExtractOptions, ModelResult, extract_model
+from vlray.items import EXTRA_TABLES
 from vlray.lake import Lake, new_run_id
 from vlray.sources import load_source
 
@@ -77,9 +78,14 @@ def _extract_all(
     """Items first (cheap, and what the model jobs read), then one job per (model, dataset)."""
     fingerprints, roots = {}, {}
     for ds in config.datasets:
-        items, refused = load_source(ds.source, ds.name, ds.params)
-        fingerprints[ds.name] = lake.write_items(ds.name, items, refused, run_id)
-        summary.refused_by_source[ds.name] = refused.num_rows
+        loaded = load_source(ds.source, ds.name, ds.params)
+        fingerprints[ds.name] = lake.write_items(ds.name, loaded.items, loaded.quarantine, run_id)
+        for name in EXTRA_TABLES:  # trials, concepts: written when given, dropped when not
+            if name in loaded.tables:
+                lake.write_table_for(ds.name, name, loaded.tables[name], run_id)
+            else:
+                lake.remove_table_for(ds.name, name)
+        summary.refused_by_source[ds.name] = loaded.quarantine.num_rows
         roots[ds.name] = ds.params.get("root")
     ensure_ray()
     for spec in specs:

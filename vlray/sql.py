@@ -15,12 +15,12 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from vlray.items import ITEMS_SCHEMA, QUARANTINE_SCHEMA
+from vlray.items import CONCEPTS_SCHEMA, ITEMS_SCHEMA, QUARANTINE_SCHEMA, TRIALS_SCHEMA
 from vlray.lake import MANIFEST_SCHEMA, Lake
 from vlray.results import ALIGNMENT_SCHEMA
 
 SQL_DIR = Path(os.environ.get("VLRAY_SQL_DIR", Path(__file__).resolve().parents[1] / "sql"))
-VIEWS = ("items", "embeddings", "quarantine", "manifest", "alignment")
+VIEWS = ("items", "embeddings", "quarantine", "manifest", "alignment", "trials", "concepts")
 
 # Where each table's files sit under the lake root: (folder, pattern of fixed depth, so that
 # work in progress under _staging never matches).
@@ -30,6 +30,8 @@ _FILES = {
     "quarantine": ("quarantine", "dataset=*/*.parquet"),
     "manifest": ("_manifest", "*.parquet"),
     "alignment": ("results/alignment", "study=*/*.parquet"),
+    "trials": ("trials", "dataset=*/*.parquet"),
+    "concepts": ("concepts", "dataset=*/*.parquet"),
 }
 
 # The shape of each table when the lake has no file of it yet, so every view always exists.
@@ -50,6 +52,8 @@ _EMPTY = {
     "quarantine": QUARANTINE_SCHEMA,
     "manifest": MANIFEST_SCHEMA,
     "alignment": ALIGNMENT_SCHEMA,
+    "trials": TRIALS_SCHEMA.append(pa.field("dataset", pa.string())),
+    "concepts": CONCEPTS_SCHEMA.append(pa.field("dataset", pa.string())),
 }
 
 _READ_ONLY = {"SELECT", "EXPLAIN"}
@@ -75,7 +79,8 @@ def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> str:
 
 def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's views (``items``, ``embeddings``, ``quarantine``,
-    ``manifest``, ``alignment``) defined."""
+    ``manifest``, ``alignment``, ``trials``, ``concepts``) defined; a table with no file yet
+    is an empty view of the right shape."""
     lake = Lake(lake) if isinstance(lake, str) else lake
     if not lake.exists(lake.root):
         raise QueryError(f"no lake at {lake.uri}")

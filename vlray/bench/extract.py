@@ -309,12 +309,31 @@ def pipeline(spec: ModelSpec, items, options, workdir: str) -> dict:
     return {
         "case": "pipeline",
         "items_per_s": n / (t_end - t_first),
+        # How much of the steady window the model's actor spent inside a batch: near 100%
+        # means the actor is the bottleneck, much less that the stages around it are.
+        "actor_busy_pct": 100 * _covered(batches) / (t_end - t_first),
+        # Where a batch's time goes inside the actor, summed over batches (seconds).
+        "actor_s": "/".join(
+            f"{phase}={sum(b.get(phase, 0.0) for b in batches):.1f}"
+            for phase in ("input", "model", "arrow")
+        ),
         "whole_run_items_per_s": n / (t_end - t0),
         "startup_s": t_first - t0,
         "batch": options.batch_size,
         "precision": options.precision,
         **sampler.summary(),
     }
+
+
+def _covered(batches: list[dict]) -> float:
+    """Seconds covered by the union of the batches' [start, end] intervals."""
+    total, reach = 0.0, float("-inf")
+    for b in sorted(batches, key=lambda b: b["start"]):
+        start, end = max(b["start"], reach), b["end"]
+        if end > start:
+            total += end - start
+            reach = end
+    return total
 
 
 # --- the benchmark ----------------------------------------------------------------------------
@@ -364,6 +383,8 @@ def bench_extract(
         "items_per_s",
         "whole_run_items_per_s",
         "startup_s",
+        "actor_busy_pct",
+        "actor_s",
         "batch",
         "precision",
         "vs_model",

@@ -1,18 +1,52 @@
 """Sources: where items come from.
 
-A source is a function ``load(dataset, **params) -> (items, quarantine)`` returning an items
-table (``vlray.items.ITEMS_SCHEMA``) and the rows it refused (``QUARANTINE_SCHEMA``). Adding a
-data set format is one function and one entry in ``SOURCES``.
+A source is a function ``load(dataset, **params)`` returning ``(items, quarantine)`` or
+``(items, quarantine, extras)``: an items table (``vlray.items.ITEMS_SCHEMA``), the rows it
+refused (``QUARANTINE_SCHEMA``), and optionally a dict of extra tables by name (``"trials"``,
+``"concepts"``; see ``vlray.items.EXTRA_TABLES``). Adding a data set format is one function and
+one entry in ``SOURCES``.
+
+Loaders of real formats (``coco``, ``pickapic``, ``imagefolder``, ``parquet``,
+``webdataset``) live in their own modules and are imported on first use, so that importing
+this package (every CLI command does, to validate configs) stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from vlray.items import quarantine_table
+from vlray.items import EXTRA_TABLES, ITEMS_SCHEMA, QUARANTINE_SCHEMA, quarantine_table
+
+
+@dataclass(frozen=True)
+class SourceOutput:
+    """What a source produced: items, refused rows, and extra tables by name."""
+
+    items: pa.Table
+    quarantine: pa.Table
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+
+
+class _Lazy:
+    """A loader ``module:function`` imported on first call (or signature check)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def target(self) -> Callable[..., tuple]:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args, **kwargs) -> tuple:
+        return self.target()(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.target())
 
 
 def _shapes(dataset: str, **params) -> tuple[pa.Table, pa.Table]:
@@ -35,9 +69,14 @@ def _signature_of(source: str) -> inspect.Signature:
     return inspect.signature(SOURCES[source])
 
 
-SOURCES: dict[str, Callable[..., tuple[pa.Table, pa.Table]]] = {
+SOURCES: dict[str, Callable[..., tuple]] = {
     "shapes": _shapes,
     "manifest": _manifest,
+    "coco": _Lazy("vlray.sources.coco", "load_coco"),
+    "pickapic": _Lazy("vlray.sources.pickapic", "load_pickapic"),
+    "imagefolder": _Lazy("vlray.sources.imagefolder", "load_imagefolder"),
+    "parquet": _Lazy("vlray.sources.parquet", "load_parquet"),
+    "webdataset": _Lazy("vlray.sources.webdataset", "load_webdataset"),
 }
 
 
@@ -55,7 +94,7 @@ def check_params(source: str, params: dict) -> str | None:
         for n, p in sig.parameters.items()
         if n != "dataset"
         and p.default is inspect.Parameter.empty
-        and p.kind is p.POSITIONAL_OR_KEYWORD
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         and n not in params
     ]
     if missing:
@@ -63,9 +102,29 @@ def check_params(source: str, params: dict) -> str | None:
     return None
 
 
-def load_source(source: str, dataset: str, params: dict) -> tuple[pa.Table, pa.Table]:
-    """Run a source: the items of one dataset, and the rows it quarantined."""
+def _normalise(source: str, dataset: str, out: object) -> SourceOutput:
+    """A source's tuple as ``SourceOutput``, every table cast to its schema."""
+    where = f"dataset '{dataset}': source '{source}'"
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise TypeError(f"{where} must return (items, quarantine[, tables])")
+    items, quarantine = out[0].cast(ITEMS_SCHEMA), out[1].cast(QUARANTINE_SCHEMA)
+    tables = {}
+    extras = (out[2] if len(out) == 3 else None) or {}
+    for name, table in extras.items():
+        if name not in EXTRA_TABLES:
+            raise ValueError(
+                f"{where} returned an unknown table '{name}' (known: {', '.join(EXTRA_TABLES)})"
+            )
+        try:
+            tables[name] = table.select(EXTRA_TABLES[name].names).cast(EXTRA_TABLES[name])
+        except (KeyError, ValueError, pa.ArrowException) as err:
+            raise ValueError(f"{where}: its '{name}' table does not fit the schema: {err}") from err
+    return SourceOutput(items, quarantine, tables)
+
+
+def load_source(source: str, dataset: str, params: dict) -> SourceOutput:
+    """Run a source: the items of one dataset, the rows it quarantined, and its extra tables."""
     problem = check_params(source, params)
     if problem:
         raise ValueError(f"dataset '{dataset}': {problem}")
-    return SOURCES[source](dataset, **params)
+    return _normalise(source, dataset, SOURCES[source](dataset, **params))

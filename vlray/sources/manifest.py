@@ -29,6 +29,7 @@ from vlray.images import (
     resolve_under_root,
 )
 from vlray.items import IMAGE, TEXT, items_table, quarantine_row, quarantine_table
+from vlray.sources._common import one_line, text_or_none
 
 REQUIRED_COLUMNS = ("item_id", "image", "caption")
 OPTIONAL_COLUMNS = ("concept", "split")
@@ -48,7 +49,7 @@ def _read_bytes(path: str) -> bytes:
         with fs.open_input_stream(fs_path) as f:
             return f.read()
     except (OSError, ValueError) as e:
-        raise ManifestError(f"cannot read manifest {path}: {_one_line(e)}") from e
+        raise ManifestError(f"cannot read manifest {path}: {one_line(e)}") from e
 
 
 def _check_columns(path: str, columns: list[str]) -> list[str]:
@@ -72,7 +73,7 @@ def _read_csv(path: str) -> list[dict]:
         # Every column as text: ids such as "007" must not become the integer 7.
         frame = pl.read_csv(io.BytesIO(data), infer_schema=False)
     except Exception as e:  # polars raises its own error types for malformed files
-        raise ManifestError(f"cannot parse CSV manifest {path}: {_one_line(e)}") from e
+        raise ManifestError(f"cannot parse CSV manifest {path}: {one_line(e)}") from e
     return _frame_rows(path, frame)
 
 
@@ -84,7 +85,7 @@ def _read_json(path: str) -> list[dict]:
         else:
             frame = pl.read_ndjson(io.BytesIO(data), infer_schema_length=None)
     except Exception as e:  # polars raises its own error types for malformed files
-        raise ManifestError(f"cannot parse JSON manifest {path}: {_one_line(e)}") from e
+        raise ManifestError(f"cannot parse JSON manifest {path}: {one_line(e)}") from e
     return _frame_rows(path, frame)
 
 
@@ -97,7 +98,7 @@ def _read_parquet(path: str) -> list[dict]:
     except ManifestError:
         raise
     except (OSError, ValueError, pa.ArrowException) as e:
-        raise ManifestError(f"cannot read Parquet manifest {path}: {_one_line(e)}") from e
+        raise ManifestError(f"cannot read Parquet manifest {path}: {one_line(e)}") from e
     return table.to_pylist()
 
 
@@ -116,19 +117,6 @@ def read_manifest_rows(path: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
-
-
-def _text_or_none(value: object) -> str | None:
-    """Optional text fields: None and blank strings are both absent."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
 
 
 def _image_value(value: object) -> object:
@@ -169,7 +157,7 @@ class _Builder:
 
     def add(self, n: int, row: dict) -> None:
         """One manifest row: both items, or quarantine rows for the parts that are bad."""
-        item_id = _text_or_none(row.get("item_id"))
+        item_id = text_or_none(row.get("item_id"))
         if item_id is None:
             for modality in (IMAGE, TEXT):
                 self.reject(n, f"row-{n}", modality, "validate", "missing or empty item_id")
@@ -183,8 +171,8 @@ class _Builder:
         common = {
             "item_id": item_id,
             "pair_id": item_id,
-            "concept": _text_or_none(row.get("concept")),
-            "split": _text_or_none(row.get("split")) or DEFAULT_SPLIT,
+            "concept": text_or_none(row.get("concept")),
+            "split": text_or_none(row.get("split")) or DEFAULT_SPLIT,
             "source": self.source(n),
         }
         self.add_image(n, common, _image_value(row.get("image")))
