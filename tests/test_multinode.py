@@ -319,7 +319,9 @@ def test_jobs_submitted_to_a_two_node_cluster(ray_session, local_cluster, tmp_pa
     lake = str(tmp_path / "lake")
     args = ["--config", str(config), "--lake", lake]
 
-    out = cluster.submit("vlray-extract", "python", "pipelines/extract.py", *args)
+    # The venv's interpreter, named: `make test` runs pytest through .venv/bin/python without
+    # activating the venv, so a bare `python` on the job's PATH would lack vlray's packages.
+    out = cluster.submit("vlray-extract", sys.executable, "pipelines/extract.py", *args)
     assert "2 model run(s)" in out
     print(f"extraction job: {time.time() - started:.0f}s")
     # Ray Data spread the extraction's tasks over both nodes.
@@ -328,7 +330,7 @@ def test_jobs_submitted_to_a_two_node_cluster(ray_session, local_cluster, tmp_pa
     assert {t["node_id"] for t in tasks if t.get("node_id")} == {n["node_id"] for n in nodes}
 
     began = time.time()
-    out = cluster.submit("vlray-align", "python", "pipelines/align.py", *args)
+    out = cluster.submit("vlray-align", sys.executable, "pipelines/align.py", *args)
     assert "align: 1 model pair(s)" in out
     print(f"alignment job: {time.time() - began:.0f}s")
 

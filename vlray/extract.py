@@ -31,7 +31,7 @@ from ray.data.expressions import col
 from vlray import images
 from vlray.catalog import ModelSpec
 from vlray.items import IMAGE, TEXT, quarantine_row, quarantine_table
-from vlray.lake import Lake, manifest_record, partition_value
+from vlray.lake import Lake, LakeError, manifest_record, partition_value
 
 log = logging.getLogger(__name__)
 
@@ -564,7 +564,15 @@ def extract_model(
     rows_per_item = len(model_layer_names(spec)) * len(spec.pooling)
     sink = EmbeddingSink(lake, staging, modality, rows_per_write=4096 * rows_per_item)
     ds = build_dataset(lake, dataset, spec, todo, options, root=root)
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": options.io_cpus})
+    try:
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": options.io_cpus})
+    except Exception as err:
+        lake_error = _lake_error_in(err)
+        if lake_error is None:
+            raise
+        # A write task could not write (disk full, no permission): say that in one line,
+        # not through Ray's wrapped traceback. The staging area is discarded by the caller.
+        raise LakeError(f"model '{spec.name}': {lake_error}") from err
 
     rows, n_items = defaultdict(int), defaultdict(int)
     for r in sink.results:
@@ -600,6 +608,23 @@ def extract_model(
     result.items = sum(n_items.values())
     result.seconds = time.time() - started
     return result
+
+
+def _lake_error_in(err: BaseException) -> LakeError | None:
+    """The LakeError that a Ray task raised, if one is behind ``err`` (Ray wraps it)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        # Ray re-raises a task's error as a RayTaskError subclassing it, with the original
+        # (whose message is one line) as its ``cause``.
+        if isinstance(e, LakeError) and not isinstance(e, ray.exceptions.RayError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 def _staged_quarantine(
