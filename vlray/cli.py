@@ -152,21 +152,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cuda(device: str | None) -> bool:
-    import torch
+    from vlray.models import default_device
 
-    return device.startswith("cuda") if device else torch.cuda.is_available()
+    return (device or default_device()).startswith("cuda")
 
 
 def _bench_extract(args: argparse.Namespace) -> None:
-    import torch
-
     from vlray.bench import print_rows
     from vlray.bench.extract import bench_extract
     from vlray.catalog import get_spec
     from vlray.extract import ExtractOptions
+    from vlray.models import default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.startswith("cuda")
+    device = args.device or default_device()
+    gpu = _cuda(device)
     # A base-size model and a realistic n on a GPU; small real models and few items on a CPU.
     names = (
         args.models.split(",")

@@ -561,7 +561,8 @@ def extract_model(
     staging = f"{lake.staging_dir(run_id)}/{partition_value(dataset)}/{partition_value(spec.name)}"
     # About 4,096 items per write task: writers stream beside the model instead of one large
     # write at the end, and each layer's file stays a few MB to tens of MB.
-    rows_per_item = len(model_layer_names(spec)) * len(spec.pooling)
+    layer_names = model_layer_names(spec)
+    rows_per_item = len(layer_names) * len(spec.pooling)
     sink = EmbeddingSink(lake, staging, modality, rows_per_write=4096 * rows_per_item)
     ds = build_dataset(lake, dataset, spec, todo, options, root=root)
     try:
@@ -583,7 +584,6 @@ def extract_model(
         result.quarantined += r["errors"]
     quarantine = _staged_quarantine(lake, staging, dataset, spec.name, modality)
     lake.merge_quarantine(dataset, spec.name, quarantine, todo, run_id)
-    layer_names = model_layer_names(spec)
     for pert in todo:
         staged = f"{staging}/perturbation={partition_value(pert)}"
         if not lake.exists(staged):  # every item of it quarantined: an empty, committed partition

@@ -96,7 +96,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _autocast(device: str, precision: str):
+def autocast(device: str, precision: str):
     """bf16 autocast on GPUs (embeddings are still stored as float32); exact fp32 on CPUs."""
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
@@ -248,7 +248,7 @@ class VisionEncoder:
             if self.device.startswith("cuda"):
                 x = x.contiguous(memory_format=torch.channels_last)
             self._local.captured = {}
-            with _autocast(self.device, self.precision):
+            with autocast(self.device, self.precision):
                 self.model(x)
             captured, self._local.captured = self._local.captured, None
             rows = np.arange(len(x))
@@ -474,7 +474,7 @@ class LanguageEncoder:
         lens = torch.as_tensor([len(tokens.ids[r]) for r in rows], device=self.device)
         positions = torch.arange(width, device=self.device)
         mask = (positions[None, :] < lens[:, None]).long()
-        with _autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):
             hidden = self.model(input_ids=ids_t, attention_mask=mask, output_hidden_states=True)
         hidden = hidden.hidden_states
         spans = tokens.spans[rows]

@@ -29,6 +29,7 @@ import torch
 
 from vlray.bench import workload
 from vlray.catalog import ModelSpec
+from vlray.models import autocast
 
 TARGETS = {
     "image": {"vs_model": 0.75, "vs_naive": 3.0},
@@ -68,14 +69,6 @@ def _reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def _autocast(device: str, bf16: bool):
-    from contextlib import nullcontext
-
-    if bf16 and device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 class GpuSampler:
@@ -162,7 +155,7 @@ def model_only_images(
 
         @torch.inference_mode()
         def step(i: int, inputs=inputs, bs=bs) -> int:
-            with _autocast(device, bf16=True):
+            with autocast(device, "auto"):  # bf16 on a GPU, fp32 on a CPU
                 model(inputs[i % 2])
             return bs
 
@@ -242,7 +235,7 @@ def model_only_text(
         @torch.inference_mode()
         def step(i: int, batches=batches) -> int:
             ids, mask = batches[i % len(batches)]
-            with _autocast(device, bf16=True):
+            with autocast(device, "auto"):  # bf16 on a GPU, fp32 on a CPU
                 model(input_ids=ids, attention_mask=mask)
             return ids.shape[0]
 

@@ -22,14 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlray.images import (
-    ImageError,
-    check_image_file,
     filesystem_and_path,
     local_path,
-    resolve_under_root,
 )
-from vlray.items import IMAGE, TEXT, items_table, quarantine_row, quarantine_table
-from vlray.sources._common import one_line, text_or_none
+from vlray.items import IMAGE, TEXT
+from vlray.sources._common import Collector, image_value, one_line, text_or_none
 
 REQUIRED_COLUMNS = ("item_id", "image", "caption")
 OPTIONAL_COLUMNS = ("concept", "split")
@@ -119,24 +116,12 @@ def read_manifest_rows(path: str) -> list[dict]:
 # --------------------------------------------------------------------------- rows
 
 
-def _image_value(value: object) -> object:
-    """Bytes, a path string, or None; unwraps a Hugging Face ``{bytes, path}`` struct."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
-    if isinstance(value, str) and not value.strip():
-        return None
-    return value
-
-
 class _Builder:
     """Turns manifest rows into item rows and quarantine rows."""
 
     def __init__(self, path: str, root: str, dataset: str) -> None:
-        self.path, self.root, self.dataset = path, root, dataset
-        self.items: list[dict] = []
-        self.quarantine: list[dict] = []
+        self.path, self.root = path, root
+        self.out = Collector(dataset)
         self.first_row: dict[str, int] = {}  # item_id -> row of its first occurrence
         self.root_checked = False
 
@@ -144,16 +129,7 @@ class _Builder:
         return f"{self.path}:row {n}"
 
     def reject(self, n: int, item_id: str, modality: str, stage: str, reason: str) -> None:
-        self.quarantine.append(
-            quarantine_row(
-                dataset=self.dataset,
-                item_id=item_id,
-                modality=modality,
-                stage=stage,
-                reason=reason,
-                source=self.source(n),
-            )
-        )
+        self.out.reject(item_id, modality, stage, reason, self.source(n))
 
     def add(self, n: int, row: dict) -> None:
         """One manifest row: both items, or quarantine rows for the parts that are bad."""
@@ -175,7 +151,7 @@ class _Builder:
             "split": text_or_none(row.get("split")) or DEFAULT_SPLIT,
             "source": self.source(n),
         }
-        self.add_image(n, common, _image_value(row.get("image")))
+        self.add_image(n, common, image_value(row.get("image")))
         self.add_text(n, common, row.get("caption"))
 
     def add_text(self, n: int, common: dict, caption: object) -> None:
@@ -185,34 +161,22 @@ class _Builder:
         elif not isinstance(caption, str):
             self.reject(n, item_id, TEXT, "validate", f"caption is not text: {caption!r:.80}")
         else:
-            self.items.append({**common, "modality": TEXT, "role": "caption", "text": caption})
+            self.out.add(**common, modality=TEXT, role="caption", text=caption)
 
     def add_image(self, n: int, common: dict, image: object) -> None:
         item_id = common["item_id"]
-        item = {**common, "modality": IMAGE, "role": "scene"}
-        if image is None or image == b"":
+        if image is None:  # image_value makes empty bytes and blank paths None
             self.reject(n, item_id, IMAGE, "validate", "image is missing (null or empty)")
         elif isinstance(image, bytes):
-            self.items.append({**item, "image": image})
+            self.out.add(**common, modality=IMAGE, role="scene", image=image)
         elif not isinstance(image, str):
             kind = type(image).__name__
             self.reject(n, item_id, IMAGE, "validate", f"image must be a path or bytes, not {kind}")
         else:
-            self.add_image_path(n, item, image)
-
-    def add_image_path(self, n: int, item: dict, image: str) -> None:
-        self.check_root()
-        try:
-            resolved = resolve_under_root(image, self.root)
-        except ImageError as e:
-            self.reject(n, item["item_id"], IMAGE, "validate", str(e))
-            return
-        try:
-            check_image_file(resolved)  # stat only; decoding happens in the pipeline
-        except ImageError as e:
-            self.reject(n, item["item_id"], IMAGE, "read", str(e))
-            return
-        self.items.append({**item, "image_path": resolved})
+            self.check_root()
+            item = {k: v for k, v in common.items() if k != "source"}
+            # stat only (exists, non-empty, inside the root); decoding happens in the pipeline
+            self.out.add_image_file({**item, "role": "scene"}, image, self.root, self.source(n))
 
     def check_root(self) -> None:
         """A mistyped local root is one whole-file error, not one quarantine row per image."""
@@ -229,4 +193,4 @@ def load_manifest(path: str, root: str, dataset: str) -> tuple[pa.Table, pa.Tabl
     builder = _Builder(path, root, dataset)
     for n, row in enumerate(read_manifest_rows(path), start=1):
         builder.add(n, row)
-    return items_table(builder.items), quarantine_table(builder.quarantine)
+    return builder.out.tables()
