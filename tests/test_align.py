@@ -13,7 +13,9 @@ from vlray.sql import connect, named_query, run_query
 
 pytestmark = pytest.mark.timeout(420)
 
-OPTIONS = AlignOptions(metrics=("mutual_knn", "cka"), bootstrap=20, permutations=20)
+OPTIONS = AlignOptions(
+    metrics=("mutual_knn", "cka"), bootstrap=20, permutations=20, studies=("layerwise",)
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_align_cli_from_a_config(small_lake, tmp_path, capsys):
         "datasets: [{name: shapes, source: shapes, params: {seed: 0, n_scenes: 4,"
         " exemplars_per_concept: 8, captions_per_image: 1, sentences_per_concept: 2}}]\n"
         "models: [tiny_vit_random, tiny_gpt2_random]\n"
-        "align: {metrics: [rsa], bootstrap: 0, permutations: 5}\n"
+        "align: {metrics: [rsa], bootstrap: 0, permutations: 5, studies: [layerwise]}\n"
     )
     assert main(["align", "--config", str(config), "--lake", lake]) == 0
     assert "1 model pair(s), 9 scores" in capsys.readouterr().out
@@ -102,3 +104,40 @@ def test_bad_metric_in_config_names_the_field(tmp_path, capsys):
     )
     assert main(["align", "--config", str(config), "--lake", str(tmp_path / "l")]) == 2
     assert "field 'align.metrics.1': unknown metric 'spectral_voodoo'" in capsys.readouterr().err
+
+
+def test_all_five_studies_run_on_the_shapes_world_through_ray(small_lake):
+    """Every study on the real small lake (trials, foils, vocabulary and perturbations from
+    the shapes world), through one Ray task, with the results table's conventions."""
+    from vlray.studies import STUDY_NAMES
+    from vlray.studies.options import ExemplarOptions
+
+    lake, _ = small_lake
+    options = AlignOptions(
+        metrics=("cka",), bootstrap=5, permutations=5, exemplar=ExemplarOptions(draws=2)
+    )
+    (done,) = run_align(
+        lake, ["shapes"], [get_spec("efficientnet_lite0"), get_spec("minilm_l6")], options
+    )
+    assert set(done["studies"]) == set(STUDY_NAMES)
+    assert all("rows" in s for s in done["studies"].values()), done["studies"]
+    rows = run_query(
+        connect(lake),
+        """
+        SELECT study, metric, condition, count(*) AS n, max(n) AS items FROM alignment
+        WHERE vision_model = 'efficientnet_lite0' AND language_model = 'minilm_l6'
+        GROUP BY ALL""",
+    ).to_pylist()
+    by = {(r["study"], r["metric"], r["condition"]): r for r in rows}
+    # 4 scenes: one trial per direction each, scored at every layer pair.
+    for direction in ("text_to_image", "image_to_text"):
+        assert by[("forced_choice", "accuracy", direction)] == {
+            "study": "forced_choice", "metric": "accuracy", "condition": direction,
+            "n": 9 * 7, "items": 4,
+        }
+    conditions = {c for s, m, c in by if s == "perturbation" and m == "cka_drop"}
+    assert {"image_semantic", "image_appearance", "text_semantic", "text_appearance"} <= conditions
+    assert "image_semantic/remove_object" in conditions
+    assert ("exemplar", "cka", "k=8/both") in by and ("exemplar", "cka", "k=16/text") not in by
+    assert by[("concept_retrieval", "p@1", "nn")]["items"] == 24  # the shapes world's concepts
+    assert ("concept_retrieval", "p@10", "csls/frequency=high") in by

@@ -200,11 +200,22 @@ def test_pickapic_items_and_trials(tmp_path):
 
     trials = {t["trial_id"]: t for t in out.tables["trials"].to_pylist()}
     assert out.tables["trials"].schema == TRIALS_SCHEMA
-    assert set(trials) == {"1", "2", "3", "4"}
+    forward = {k: t for k, t in trials.items() if t["direction"] == "text_to_image"}
+    assert set(forward) == {"1", "2", "3", "4"}
     assert trials["1"]["preferred"] == 0 and trials["2"]["preferred"] == 1
     assert trials["3"]["preferred"] is None and trials["3"]["label"] == [0.5, 0.5]
-    assert trials["4"]["caption_item_id"] == corgi_id
-    assert trials["4"]["image_item_ids"] == ["u-a", "u-g"]
+    assert trials["4"]["query_item_id"] == corgi_id
+    assert trials["4"]["choice_item_ids"] == ["u-a", "u-g"]
+    # Derived image-to-text trials: one per ranking that is not a tie.
+    assert set(trials) - set(forward) == {f"{k}/image_to_text" for k in ("1", "2", "4")}
+    for key in ("1", "2", "4"):
+        t, back = trials[key], trials[f"{key}/image_to_text"]
+        assert back["direction"] == "image_to_text"
+        assert back["query_item_id"] == t["choice_item_ids"][t["preferred"]]  # the chosen image
+        own, other = back["choice_item_ids"][back["preferred"]], back["choice_item_ids"]
+        assert own == t["query_item_id"] and len(set(other)) == 2 and set(other) <= set(texts)
+        assert back["label"][back["preferred"]] == 1.0 and sorted(back["label"]) == [0.0, 1.0]
+        assert (back["split"], back["source"]) == (t["split"], t["source"])
 
     bad = refused(out)
     assert bad[("u-i", "image")]["stage"] == "validate"
@@ -216,12 +227,43 @@ def test_pickapic_items_and_trials(tmp_path):
     assert "label_0" in labels["reason"] and labels["source"].endswith(":row 7")
 
 
+def _image_to_text(path: str, seed: int) -> list[tuple]:
+    out = load_source("pickapic", "pap", {"path": path, "image_to_text_seed": seed})
+    return [
+        (t["trial_id"], tuple(t["choice_item_ids"]), t["preferred"])
+        for t in out.tables["trials"].to_pylist()
+        if t["direction"] == "image_to_text"
+    ]
+
+
+def test_pickapic_image_to_text_trials_are_seeded(tmp_path):
+    path = pickapic_fixture(tmp_path / "train-00000-of-00001.parquet")
+    assert _image_to_text(path, 0) == _image_to_text(path, 0)
+    draws = [_image_to_text(path, seed) for seed in range(12)]
+    # Over seeds, the true caption stands first and second, and ranking 1 (corgi) meets both
+    # other captions (the bicycle and the castle): the draws are random, not fixed.
+    assert {p for d in draws for _, _, p in d} == {0, 1}
+    assert len({frozenset(c) for d in draws for k, c, _ in d if k == "1/image_to_text"}) == 2
+    with pytest.raises(ValueError, match="image_to_text_seed"):
+        load_source("pickapic", "pap", {"path": path, "image_to_text_seed": -1})
+
+    one = [pickapic_row(k, "a teapot", f"t-{k}a", f"t-{k}b", 1.0, 0.0) for k in (1, 2)]
+    pq.write_table(pa.Table.from_pylist(one), tmp_path / "one.parquet")
+    trials = load_source("pickapic", "pap", {"path": str(tmp_path / "one.parquet")})
+    assert trials.tables["trials"]["direction"].to_pylist() == ["text_to_image"] * 2
+
+
 def test_pickapic_shards_split_limit_and_missing_column(tmp_path):
     folder = tmp_path / "pickapic"
     folder.mkdir()
     pickapic_fixture(folder / "validation_unique-00000-of-00001.parquet")
     out = load_source("pickapic", "pap", {"path": str(folder), "limit": 2})
-    assert {t["trial_id"] for t in out.tables["trials"].to_pylist()} == {"1", "2"}
+    assert {t["trial_id"] for t in out.tables["trials"].to_pylist()} == {
+        "1",
+        "2",
+        "1/image_to_text",
+        "2/image_to_text",
+    }
     assert {r["split"] for r in out.items.to_pylist()} == {"validation"}
     table = pq.read_table(folder / "validation_unique-00000-of-00001.parquet")
     pq.write_table(table.drop_columns(["label_1"]), tmp_path / "nolabel.parquet")
@@ -464,11 +506,18 @@ def test_webdataset_shard(tmp_path):
 def test_sources_without_extras_and_unknown_tables(monkeypatch):
     params = {"n_scenes": 1, "sentences_per_concept": 1, "perturbations": False, "image_size": 64}
     out = load_source("shapes", "s", params)
-    assert isinstance(out, SourceOutput) and out.tables == {}
+    assert isinstance(out, SourceOutput) and set(out.tables) == {"trials", "concepts"}
+    assert out.tables["trials"].num_rows == 2 and out.tables["concepts"].num_rows == 24
+    assert set(load_source("shapes", "s", {**params, "foils": False}).tables) == {"concepts"}
+
+    def plain(dataset: str) -> tuple:
+        return out.items, out.quarantine
 
     def odd(dataset: str) -> tuple:
         return out.items, out.quarantine, {"votes": trials_table([])}
 
+    monkeypatch.setitem(SOURCES, "plain", plain)
+    assert load_source("plain", "p", {}).tables == {}
     monkeypatch.setitem(SOURCES, "odd", odd)
     with pytest.raises(ValueError, match="unknown table 'votes'"):
         load_source("odd", "o", {})
@@ -484,8 +533,9 @@ def test_extra_tables_in_the_lake_and_views(tmp_path):
         [
             {
                 "trial_id": "1",
-                "caption_item_id": "c",
-                "image_item_ids": ["a", "b"],
+                "direction": "text_to_image",
+                "query_item_id": "c",
+                "choice_item_ids": ["a", "b"],
                 "preferred": None,
                 "label": [0.5, 0.5],
                 "split": "train",
@@ -500,6 +550,7 @@ def test_extra_tables_in_the_lake_and_views(tmp_path):
     assert lake.read_table_for("pick a pic", "trials").equals(trials)
     rows = run_query(connect(lake), "SELECT * FROM trials").to_pylist()
     assert rows[0]["dataset"] == "pick a pic" and rows[0]["tie"] and rows[0]["label"] == [0.5, 0.5]
+    assert rows[0]["direction"] == "text_to_image" and rows[0]["choice_item_ids"] == ["a", "b"]
     assert run_query(connect(lake), "SELECT count(*) AS n FROM concepts").to_pylist()[0]["n"] == 0
     lake.remove_table_for("pick a pic", "trials")
     assert lake.read_table_for("pick a pic", "trials").num_rows == 0
@@ -535,25 +586,34 @@ def test_extract_pickapic_end_to_end(ray_session, tmp_path):
     trials = run_query(
         con,
         """
-        SELECT t.trial_id, t.preferred, t.tie,
-               count(DISTINCT e.item_id) FILTER (WHERE e.modality = 'image') AS images_embedded,
+        SELECT t.trial_id, t.direction, t.preferred, t.tie,
+               count(DISTINCT e.item_id) AS images_embedded,
                count(DISTINCT c.item_id) AS captions_embedded
         FROM trials t
         LEFT JOIN embeddings e ON e.dataset = t.dataset AND e.model = 'tiny_vit_random'
-             AND list_contains(t.image_item_ids, e.item_id) AND e.perturbation = 'none'
+             AND e.perturbation = 'none'
+             AND (list_contains(t.choice_item_ids, e.item_id) OR e.item_id = t.query_item_id)
         LEFT JOIN embeddings c ON c.dataset = t.dataset AND c.model = 'tiny_gpt2_random'
-             AND c.item_id = t.caption_item_id
+             AND (list_contains(t.choice_item_ids, c.item_id) OR c.item_id = t.query_item_id)
         GROUP BY ALL ORDER BY t.trial_id
         """,
     ).to_pylist()
-    assert [r["trial_id"] for r in trials] == ["1", "2", "3", "4"]
-    assert [(r["preferred"], r["tie"]) for r in trials] == [
+    forward = [r for r in trials if r["direction"] == "text_to_image"]
+    assert [r["trial_id"] for r in forward] == ["1", "2", "3", "4"]
+    assert [(r["preferred"], r["tie"]) for r in forward] == [
         (0, False),
         (1, False),
         (None, True),
         (1, False),
     ]
-    assert all(r["images_embedded"] == 2 and r["captions_embedded"] == 1 for r in trials)
+    assert all(r["images_embedded"] == 2 and r["captions_embedded"] == 1 for r in forward)
+    back = [r for r in trials if r["direction"] == "image_to_text"]
+    assert [r["trial_id"] for r in back] == [
+        "1/image_to_text",
+        "2/image_to_text",
+        "4/image_to_text",
+    ]
+    assert all(r["images_embedded"] == 1 and r["captions_embedded"] == 2 for r in back)
     counts = run_query(
         con,
         """

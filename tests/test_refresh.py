@@ -20,7 +20,7 @@ def _config(path, catalog: str | None = None) -> str:
     text = (
         f"datasets: [{{name: shapes, source: shapes, params: {{{world}}}}}]\n"
         "models: [tiny_vit_random, tiny_gpt2_random]\n"
-        "align: {metrics: [cka], bootstrap: 0, permutations: 0}\n"
+        "align: {metrics: [cka], bootstrap: 0, permutations: 0, studies: [layerwise]}\n"
     )
     if catalog:
         text += f"catalog: [{catalog}]\n"

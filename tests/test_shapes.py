@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import collections
+import inspect
 import io
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 
-from vlray.items import ITEMS_SCHEMA
+from vlray.items import CONCEPTS_SCHEMA, ITEMS_SCHEMA, ROLES, TRIALS_SCHEMA
 from vlray.sources import shapes
 
 N_CONCEPTS = 24
+N_VOCABULARY = 7 * 12  # colour words (6 + violet) x shape words (8 + disc, box, plus sign, rhombus)
 
 
 @pytest.fixture(scope="module")
-def table() -> pa.Table:
-    return shapes.generate()
+def world() -> tuple[pa.Table, dict[str, pa.Table]]:
+    return shapes.world()
+
+
+@pytest.fixture(scope="module")
+def table(world: tuple) -> pa.Table:
+    return world[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +99,15 @@ def test_default_counts_per_role_and_perturbation(rows: list[dict]) -> None:
     assert counts[("exemplar", "image", "none")] == exemplars
     assert counts[("scene", "image", "none")] == scenes
     assert counts[("caption", "text", "none")] == (exemplars + scenes) * captions
-    assert counts[("context", "text", "none")] == N_CONCEPTS * 10
+    assert counts[("context", "text", "none")] == N_VOCABULARY * 10
+    assert counts[("foil", "image", "none")] == counts[("foil", "text", "none")] == scenes
     for name in shapes.IMAGE_PERTURBATIONS:
         assert counts[("scene", "image", name)] == scenes
     for name in shapes.TEXT_PERTURBATIONS:
         assert counts[("caption", "text", name)] == scenes * captions
-    assert len(rows) == 2608
+    # 2608 rows before foils and vocabulary; then 64 foil images, 64 foil captions and
+    # (84 - 24) * 10 vocabulary sentences.
+    assert len(rows) == 2608 + 2 * scenes + (N_VOCABULARY - N_CONCEPTS) * 10 == 3336
 
 
 def test_counts_follow_the_arguments() -> None:
@@ -113,7 +124,8 @@ def test_counts_follow_the_arguments() -> None:
         "exemplar": N_CONCEPTS * 9,
         "scene": 3,
         "caption": (N_CONCEPTS * 9 + 3) * 2,
-        "context": N_CONCEPTS * 4,
+        "context": N_VOCABULARY * 4,
+        "foil": 3 * 2,
     }
     assert {r["perturbation"] for r in rows} == {"none"}
     sizes = {Image.open(io.BytesIO(r["image"])).size for r in rows if r["modality"] == "image"}
@@ -144,11 +156,22 @@ def test_at_least_eight_exemplars_per_concept(rows: list[dict]) -> None:
         ({"image_size": 8}, "image_size"),
         ({"image_size": True}, "image_size"),
         ({"perturbations": "yes"}, "perturbations"),
+        ({"foils": 1}, "foils"),
+        ({"vocabulary": None}, "vocabulary"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         shapes.generate(**kwargs)
+    with pytest.raises(ValueError, match=name):
+        shapes.world(**kwargs)
+
+
+def test_world_takes_the_arguments_of_generate() -> None:
+    # The source checks its params against generate's signature and calls world.
+    assert (
+        inspect.signature(shapes.world).parameters == inspect.signature(shapes.generate).parameters
+    )
 
 
 # --- determinism -------------------------------------------------------------------------------
@@ -300,11 +323,11 @@ def test_scene_captions_use_several_templates(rows: list[dict]) -> None:
 
 
 def test_context_sentences_contain_their_word(rows: list[dict]) -> None:
-    contexts = [r for r in rows if r["role"] == "context"]
-    assert contexts
+    contexts = [r for r in rows if r["role"] == "context" and r["concept"] is not None]
+    assert len(contexts) == N_CONCEPTS * 10
     for r in contexts:
         assert r["word"] == r["concept"] and r["word"] in r["text"]
-        assert r["pair_id"] is None
+        assert r["pair_id"] is None and r["item_id"].startswith("ctx-")
     per_concept = collections.defaultdict(set)
     for r in contexts:
         per_concept[r["concept"]].add(r["text"])
@@ -337,3 +360,164 @@ def test_text_appearance_and_swap_change_the_text(rows: list[dict], by_key: dict
     # A colour swap keeps every word but changes which colour goes with which shape.
     for new, old in _text_pairs(rows, by_key, "text_semantic/swap_attribute"):
         assert len(new.split()) == len(old.split())
+
+
+# --- vocabulary for concept retrieval ------------------------------------------------------------
+
+
+def test_vocabulary_sentences_cover_every_alias(rows: list[dict]) -> None:
+    contexts = [r for r in rows if r["role"] == "context"]
+    words = collections.defaultdict(set)
+    for r in contexts:
+        assert r["word"] in r["text"] and r["modality"] == "text" and r["pair_id"] is None
+        words[r["word"]].add(r["text"])
+    assert len(words) == len(shapes.VOCABULARY) == N_VOCABULARY
+    assert set(words) == set(shapes.VOCABULARY)
+    assert all(len(texts) == 10 for texts in words.values())  # 10 distinct templates each
+    for aliases in shapes.ALIASES.values():
+        assert set(aliases) <= set(words)
+    assert {"violet rhombus", "orange plus sign", "green box"} <= set(words)
+
+
+def test_vocabulary_rows_have_no_concept(rows: list[dict]) -> None:
+    extra = [r for r in rows if r["role"] == "context" and r["word"] not in shapes.CONCEPTS]
+    assert len(extra) == (N_VOCABULARY - N_CONCEPTS) * 10
+    for r in extra:
+        assert r["concept"] is None and r["item_id"].startswith("voc-")
+    # "red box" is an alias of "red square", yet only the concept's own word carries it.
+    assert {r["concept"] for r in rows if r["word"] == "red box"} == {None}
+
+
+def test_new_rows_leave_every_other_row_as_it_was() -> None:
+    """Foils and vocabulary draw from their own streams: the rest is what it was without them."""
+    plain = shapes.generate(n_scenes=5, foils=False, vocabulary=False).to_pylist()
+    full = shapes.generate(n_scenes=5).to_pylist()
+    kept = [r for r in full if r["role"] != "foil" and not r["item_id"].startswith("voc-")]
+    assert kept == plain
+    assert len(full) - len(plain) == 5 * 2 + (N_VOCABULARY - N_CONCEPTS) * 10
+    assert {r["role"] for r in plain} == {"scene", "exemplar", "caption", "context"}
+
+
+# --- foils ----------------------------------------------------------------------------------------
+
+
+def _scene_ids(rows: list[dict]) -> list[str]:
+    return [r["item_id"] for r in rows if r["role"] == "scene" and r["perturbation"] == "none"]
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(".,:") for w in text.split()]
+
+
+def test_foil_rows_are_their_own_items(rows: list[dict], by_key: dict) -> None:
+    assert "foil" in ROLES
+    for scene_id in _scene_ids(rows):
+        scene = by_key[(scene_id, "image", "none")]
+        image = by_key[(f"{scene_id}-foil", "image", "none")]
+        caption = by_key[(f"{scene_id}-foil#c0", "text", "none")]
+        assert image["role"] == caption["role"] == "foil"
+        assert image["pair_id"] == image["item_id"] == caption["pair_id"]
+        assert image["split"] == caption["split"] == scene["split"]
+        assert image["concept"] is None and caption["concept"] is None
+        assert not np.array_equal(_pixels(image), _pixels(scene))
+    # Foils have no perturbed copies.
+    assert {r["perturbation"] for r in rows if r["role"] == "foil"} == {"none"}
+
+
+def test_each_foil_changes_one_attribute_of_one_object(rows: list[dict], by_key: dict) -> None:
+    changed_attributes = collections.Counter()
+    for scene_id in _scene_ids(rows):
+        before = _graph(by_key[(scene_id, "image", "none")])
+        after = _graph(by_key[(f"{scene_id}-foil", "image", "none")])
+        assert (after["background"], after["effects"]) == (before["background"], before["effects"])
+        assert after["relations"] == before["relations"]
+        assert len(after["objects"]) == len(before["objects"])
+        changed = [
+            (a, b) for a, b in zip(after["objects"], before["objects"], strict=True) if a != b
+        ]
+        assert len(changed) == 1
+        a, b = changed[0]
+        # A new shape redraws the outline (bbox, and a circle has no rotation); nothing else moves.
+        diff = {k for k in a if a[k] != b[k]} - {"bbox", "rotation"}
+        assert diff in ({"shape"}, {"colour"}), diff
+        (attribute,) = diff
+        changed_attributes[attribute] += 1
+        assert (a["x"], a["y"], a["radius"], a["size"]) == (b["x"], b["y"], b["radius"], b["size"])
+        if attribute == "colour":
+            assert a["bbox"] == b["bbox"]
+            assert a["colour"] not in {o["colour"] for o in before["objects"]}
+        kinds = [(o["shape"], o["colour"]) for o in after["objects"]]
+        assert len(set(kinds)) == len(kinds)
+    assert changed_attributes["shape"] > 0 and changed_attributes["colour"] > 0
+
+
+def test_foil_caption_differs_in_the_changed_word_only(rows: list[dict], by_key: dict) -> None:
+    for scene_id in _scene_ids(rows):
+        before = _graph(by_key[(scene_id, "image", "none")])["objects"]
+        after = _graph(by_key[(f"{scene_id}-foil", "image", "none")])["objects"]
+        (a, b) = [(a, b) for a, b in zip(after, before, strict=True) if a != b][0]
+        old_word, new_word = (
+            (b["shape"], a["shape"]) if a["shape"] != b["shape"] else (b["colour"], a["colour"])
+        )
+        true = _words(by_key[(f"{scene_id}#c0", "text", "none")]["text"])
+        foil = _words(by_key[(f"{scene_id}-foil#c0", "text", "none")]["text"])
+        assert len(true) == len(foil)
+        diff = [(t, f) for t, f in zip(true, foil, strict=True) if t != f]
+        assert diff == [(old_word, new_word)]
+
+
+# --- trials and concepts -----------------------------------------------------------------------
+
+
+def test_trials_between_each_scene_and_its_foil(world: tuple, by_key: dict) -> None:
+    trials = world[1]["trials"]
+    assert trials.schema.equals(TRIALS_SCHEMA)
+    rows = trials.to_pylist()
+    assert len(rows) == 2 * 64 and len({t["trial_id"] for t in rows}) == len(rows)
+    assert set(collections.Counter(t["trial_id"].split("/")[0] for t in rows).values()) == {2}
+    for t in rows:
+        scene = t["trial_id"].split("/")[0]
+        caption = f"{scene}#c0"
+        # direction -> (query, its modality, the true choice, the choices' modality and roles)
+        query, query_modality, truth, modality, roles = {
+            "text_to_image": (caption, "text", scene, "image", {"scene", "foil"}),
+            "image_to_text": (scene, "image", caption, "text", {"caption", "foil"}),
+        }[t["direction"]]
+        assert t["query_item_id"] == query and (query, query_modality, "none") in by_key
+        choices = [by_key[(c, modality, "none")] for c in t["choice_item_ids"]]
+        assert len(choices) == 2 and {c["role"] for c in choices} == roles
+        assert t["choice_item_ids"][t["preferred"]] == truth
+        assert t["label"][t["preferred"]] == 1.0 and sum(t["label"]) == 1.0
+        assert t["split"] == by_key[(scene, "image", "none")]["split"]
+        assert t["source"] == "shapes:seed=0"
+    # The true item stands first in some trials and second in others, in both directions.
+    for direction in ("text_to_image", "image_to_text"):
+        assert {t["preferred"] for t in rows if t["direction"] == direction} == {0, 1}
+
+
+def test_same_seed_same_trials_and_switches() -> None:
+    a = shapes.world(seed=3, n_scenes=6, perturbations=False, image_size=64)
+    b = shapes.world(seed=3, n_scenes=6, perturbations=False, image_size=64)
+    c = shapes.world(seed=4, n_scenes=6, perturbations=False, image_size=64)
+    assert a[1]["trials"].equals(b[1]["trials"]) and a[0].equals(b[0])
+    preferred = [x[1]["trials"]["preferred"].to_pylist() for x in (a, c)]
+    assert preferred[0] != preferred[1]
+    assert a[1]["trials"]["source"].to_pylist()[0] == "shapes:seed=3"
+    none = shapes.world(n_scenes=2, perturbations=False, image_size=64, foils=False)
+    assert set(none[1]) == {"concepts"}
+    assert "foil" not in none[0]["role"].to_pylist()
+    # world's items are generate's, byte for byte.
+    assert a[0].equals(shapes.generate(seed=3, n_scenes=6, perturbations=False, image_size=64))
+
+
+def test_concepts_table(world: tuple) -> None:
+    concepts = world[1]["concepts"]
+    assert concepts.schema.equals(CONCEPTS_SCHEMA)
+    rows = concepts.to_pylist()
+    assert [r["concept"] for r in rows] == list(shapes.CONCEPTS)
+    for r in rows:
+        assert r["word"] == r["concept"] and r["aliases"][0] == r["concept"]
+        assert tuple(r["aliases"]) == shapes.ALIASES[r["concept"]]
+        assert math.isfinite(r["frequency"]) and r["frequency"] > 0
+        assert r["polysemy"] is None and r["source"] == "shapes:seed=0"
+    assert len({r["frequency"] for r in rows}) > 1  # a real lookup, not a constant

@@ -1,4 +1,4 @@
-"""The ``vlray`` command line: demo, extract, align, refresh, sql, bench."""
+"""The ``vlray`` command line: demo, extract, align, refresh, report, sql, bench."""
 
 from __future__ import annotations
 
@@ -76,16 +76,21 @@ def _lake_of(args: argparse.Namespace, config) -> str:
 
 
 def _print_align(done: list[dict], started: float) -> None:
+    written = 0
     for r in done:
-        pair = f"  {r['dataset']:<12} {r['vision_model']:<26} x {r['language_model']:<20}"
-        if r.get("skipped"):
-            print(f"{pair} up to date (nothing to do)")
-        else:
-            print(f"{pair} n={r['n']:<6} {r['rows']:>6} scores  {r['seconds']:6.1f}s")
-    ran = [r for r in done if not r.get("skipped")]
+        print(f"  {r['dataset']} | {r['vision_model']} x {r['language_model']}")
+        for study, s in r["studies"].items():
+            if s.get("up_to_date"):
+                line = "results up to date (same inputs)"
+            elif "skipped" in s:
+                line = f"skipped: {s['skipped']}"
+            else:
+                written += s["rows"]
+                line = f"n={s['n']:<6} {s['rows']:>6} scores  {s['seconds']:6.1f}s"
+            print(f"    {study:<18} {line}")
     print(
-        f"align: {len(ran)} model pair(s), {sum(r['rows'] for r in ran)} scores written to "
-        f"the alignment table, {time.time() - started:.1f}s"
+        f"align: {len(done)} model pair(s), {written} scores written to the alignment table, "
+        f"{time.time() - started:.1f}s"
     )
 
 
@@ -114,7 +119,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     datasets = [d.name for d in config.datasets]
     done = run_align(lake, datasets, config.specs(), config.align.options(), only_changed=True)
     _print_align(done, started)
-    if all(r.skipped for r in summary.results) and all(r.get("skipped") for r in done):
+    fresh = all(s.get("up_to_date") for r in done for s in r["studies"].values())
+    if all(r.skipped for r in summary.results) and fresh:
         print("refresh: nothing new; the lake is up to date")
     return 0
 
@@ -238,6 +244,20 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- report ----------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vlray.report import findings, load, write_report
+
+    data = load(args.lake)  # one read of the lake serves the page and the printed findings
+    index = write_report(data, args.out)
+    for f in findings(data):
+        print(f.line())
+    print(f"report: {index}")
+    return 0
+
+
 # --- demo ------------------------------------------------------------------------------
 
 
@@ -270,12 +290,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  {acc.num_rows} (model, perturbation) partitions; rows in = embedded + "
         f"quarantined in every one: {balanced}"
     )
+    if not balanced:
+        return 1
+
+    from vlray.align import run_align
+    from vlray.report import findings, load, write_report
+
+    print(f"\nThe five studies (vlray align --config {os.path.relpath(args.config)} --lake {lake}):")
+    started = time.time()
+    datasets = [d.name for d in config.datasets]
+    _print_align(run_align(str(lake), datasets, config.specs(), config.align.options()), started)
+    data = load(str(lake))
+    index = write_report(data, out / "report")
+    print("\nHeadline findings (computed, not tuned; 'does not hold' is reported as such):")
+    for f in findings(data):
+        print(f"  {f.line()}")
     print(
-        f'\nTry: vlray sql --lake {lake} "SELECT model, layer, count(*) FROM embeddings '
-        'GROUP BY ALL ORDER BY ALL"'
-        f"\n     vlray align --config {os.path.relpath(args.config)} --lake {lake}"
+        f"\nReport: {index}"
+        f'\nTry: vlray sql --lake {lake} "SELECT study, metric, condition, max(value) '
+        'FROM alignment GROUP BY ALL ORDER BY ALL"'
     )
-    return 0 if balanced else 1
+    return 0
 
 
 # --- entry point ------------------------------------------------------------------------
@@ -345,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run statements that write files or change settings",
     )
     sql.set_defaults(func=cmd_sql)
+
+    report = sub.add_parser("report", help="HTML report with PNG figures and headline findings")
+    report.add_argument("--lake", required=True, help="lake path or URI")
+    report.add_argument("--out", required=True, help="output folder (writes OUT/index.html)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -8,10 +8,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlray.align import AlignOptions
 from vlray.catalog import CatalogError, ModelSpec, load_catalog
 from vlray.extract import ExtractOptions
 from vlray.sources import check_params
+from vlray.studies.options import (
+    STUDY_NAMES,
+    AlignOptions,
+    ConceptRetrievalOptions,
+    ExemplarOptions,
+    ForcedChoiceOptions,
+    PerturbationOptions,
+)
+
+StudyName = Literal["layerwise", "perturbation", "forced_choice", "exemplar", "concept_retrieval"]
 
 
 class ConfigError(ValueError):
@@ -58,13 +67,18 @@ class AlignConfig(BaseModel):
     seed: int = 0
     captions: Literal["mean", "first"] = "mean"
     image_roles: list[str] = Field(default_factory=lambda: ["scene", "exemplar"])
+    studies: list[StudyName] = Field(default_factory=lambda: list(STUDY_NAMES), min_length=1)
+    perturbation: PerturbationOptions = Field(default_factory=PerturbationOptions)
+    forced_choice: ForcedChoiceOptions = Field(default_factory=ForcedChoiceOptions)
+    exemplar: ExemplarOptions = Field(default_factory=ExemplarOptions)
+    concept_retrieval: ConceptRetrievalOptions = Field(default_factory=ConceptRetrievalOptions)
     cpus_per_task: float = Field(default=1.0, gt=0)
     gpus_per_task: float | None = Field(default=None, ge=0)
 
     def options(self) -> AlignOptions:
-        fields = self.model_dump()
-        fields["metrics"] = tuple(fields["metrics"])
-        fields["image_roles"] = tuple(fields["image_roles"])
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        for name in ("metrics", "image_roles", "studies"):
+            fields[name] = tuple(fields[name])
         return AlignOptions(**fields)
 
 
@@ -128,6 +142,13 @@ def _check_metrics(align: AlignConfig, where: str) -> None:
                 f"{where}: field 'align.metrics.{i}': unknown metric '{metric}'; "
                 f"known: {', '.join(METRICS)}"
             )
+    for study in ("perturbation", "exemplar"):
+        for i, metric in enumerate(getattr(align, study).metrics or []):
+            if metric not in METRICS:
+                raise ConfigError(
+                    f"{where}: field 'align.{study}.metrics.{i}': unknown metric '{metric}'; "
+                    f"known: {', '.join(METRICS)}"
+                )
     for metric in align.metric_kwargs:
         if metric not in align.metrics:
             raise ConfigError(

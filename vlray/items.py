@@ -25,9 +25,10 @@ NO_PERTURBATION = "none"
 PERTURBATION_FAMILIES = ("image_appearance", "image_semantic", "text_appearance", "text_semantic")
 
 # Roles, in the field's words: a multi-object scene, a single-object concept exemplar, a
-# caption of an image, and an in-context sentence that uses a concept word (embedded with
-# word-span pooling).
-ROLES = ("scene", "exemplar", "caption", "context")
+# caption of an image, an in-context sentence that uses a concept word (embedded with
+# word-span pooling), and a foil: a near miss made for forced-choice trials (an image or a
+# caption); not part of layerwise pairs.
+ROLES = ("scene", "exemplar", "caption", "context", "foil")
 
 ITEMS_SCHEMA = pa.schema(
     [
@@ -66,14 +67,21 @@ QUARANTINE_SCHEMA = pa.schema(
 
 QUARANTINE_STAGES = ("read", "decode", "validate", "embed")
 
-# Forced-choice trials (Pick-a-Pic): a caption and the images to choose between, with the human
-# preference. ``preferred`` indexes ``image_item_ids`` and is null for a tie; ``label`` holds
-# the raw per-image preference labels (Pick-a-Pic: 1/0, or 0.5/0.5 for a tie).
+# Forced choice runs both ways (He, Trott & Khosla 2025): a caption and the images to choose
+# between ("text_to_image"), or an image and the captions to choose between ("image_to_text").
+TRIAL_DIRECTIONS = ("text_to_image", "image_to_text")
+
+# Forced-choice trials (Pick-a-Pic, the shapes world's foils): the query item, the candidates,
+# and which one is right. ``query_item_id`` is the caption (text_to_image) or the image
+# (image_to_text); ``choice_item_ids`` the candidates, of the other modality; ``preferred``
+# indexes ``choice_item_ids`` and is null for a tie; ``label`` holds the raw per-choice labels
+# (Pick-a-Pic: 1/0, or 0.5/0.5 for a tie).
 TRIALS_SCHEMA = pa.schema(
     [
         pa.field("trial_id", pa.string(), nullable=False),
-        pa.field("caption_item_id", pa.string()),
-        pa.field("image_item_ids", pa.list_(pa.string())),
+        pa.field("direction", pa.string()),  # one of TRIAL_DIRECTIONS
+        pa.field("query_item_id", pa.string()),
+        pa.field("choice_item_ids", pa.list_(pa.string())),
         pa.field("preferred", pa.int8()),
         pa.field("label", pa.list_(pa.float32())),
         pa.field("split", pa.string()),
@@ -140,7 +148,11 @@ def quarantine_table(rows: list[dict]) -> pa.Table:
 
 
 def trials_table(rows: list[dict]) -> pa.Table:
-    """Build a trials table (``TRIALS_SCHEMA``) from row dicts; missing fields become null."""
+    """Build a trials table (``TRIALS_SCHEMA``) from row dicts; missing fields become null.
+
+    A row is one trial in one direction (``TRIAL_DIRECTIONS``): ``query_item_id`` and the
+    ``choice_item_ids`` to pick from, ``preferred`` the index of the right choice (null: a tie).
+    """
     return pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA)
 
 

@@ -31,47 +31,69 @@ ALIGNMENT_SCHEMA = pa.schema(
 )
 
 
-def _or_none(x: float) -> float | None:
+def _or_none(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def grid_rows(
-    stats,
+def score_row(
     *,
     study: str,
     dataset: str,
     vision_model: str,
     language_model: str,
+    vision_layer: int | None,
+    language_layer: int | None,
     metric: str,
     condition: str,
+    value: float,
+    n: int,
     run_id: str,
-) -> list[dict]:
-    """One row per (vision layer, language layer) of a ``GridStats``."""
-    now = _dt.datetime.now(_dt.UTC)
-    rows = []
-    for i in range(stats.value.shape[0]):
-        for j in range(stats.value.shape[1]):
-            rows.append(
-                {
-                    "study": study,
-                    "dataset": dataset,
-                    "vision_model": vision_model,
-                    "language_model": language_model,
-                    "vision_layer": i,
-                    "language_layer": j,
-                    "metric": metric,
-                    "condition": condition,
-                    "value": float(stats.value[i, j]),
-                    "ci_low": _or_none(stats.ci_low[i, j]),
-                    "ci_high": _or_none(stats.ci_high[i, j]),
-                    "null_mean": _or_none(stats.null_mean[i, j]),
-                    "p_value": _or_none(stats.p_value[i, j]),
-                    "n": int(stats.n),
-                    "run_id": run_id,
-                    "created_at": now,
-                }
-            )
-    return rows
+    ci_low: float | None = None,
+    ci_high: float | None = None,
+    null_mean: float | None = None,
+    p_value: float | None = None,
+) -> dict:
+    """One row of the alignment table; non-finite statistics become null."""
+    return {
+        "study": study,
+        "dataset": dataset,
+        "vision_model": vision_model,
+        "language_model": language_model,
+        "vision_layer": vision_layer,
+        "language_layer": language_layer,
+        "metric": metric,
+        "condition": condition,
+        "value": float(value),
+        "ci_low": _or_none(ci_low),
+        "ci_high": _or_none(ci_high),
+        "null_mean": _or_none(null_mean),
+        "p_value": _or_none(p_value),
+        "n": int(n),
+        "run_id": run_id,
+        "created_at": _dt.datetime.now(_dt.UTC),
+    }
+
+
+def grid_rows(stats, *, metric: str, condition: str, **where) -> list[dict]:
+    """One row per (vision layer, language layer) of a ``GridStats``; ``where`` holds study,
+    dataset, vision_model, language_model and run_id."""
+    return [
+        score_row(
+            **where,
+            vision_layer=i,
+            language_layer=j,
+            metric=metric,
+            condition=condition,
+            value=stats.value[i, j],
+            ci_low=stats.ci_low[i, j],
+            ci_high=stats.ci_high[i, j],
+            null_mean=stats.null_mean[i, j],
+            p_value=stats.p_value[i, j],
+            n=stats.n,
+        )
+        for i in range(stats.value.shape[0])
+        for j in range(stats.value.shape[1])
+    ]
 
 
 def alignment_table(rows: list[dict]) -> pa.Table:

@@ -1,6 +1,8 @@
--- trials: forced-choice trials (Pick-a-Pic): a caption, the images to choose between, the human
--- labels, and `preferred` (index into image_item_ids; null for a tie). Join items on item_id.
+-- trials: forced-choice trials (Pick-a-Pic, shapes-world foils), one row per trial and direction:
+-- `direction` text_to_image (query a caption, choices images) or image_to_text (query an image,
+-- choices captions), the human or true labels, and `preferred` (index into choice_item_ids; null
+-- for a tie). Join items on query_item_id / list_contains(choice_item_ids, item_id).
 CREATE OR REPLACE VIEW trials AS
-SELECT dataset, trial_id, caption_item_id, image_item_ids, preferred, label, preferred IS NULL AS tie,
-       split, source
+SELECT dataset, trial_id, direction, query_item_id, choice_item_ids, preferred, label,
+       preferred IS NULL AS tie, split, source
 FROM {{ source('trials') }};

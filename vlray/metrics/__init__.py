@@ -3,7 +3,10 @@
 ``score(X, Y, metric)`` compares two paired ``(n_items, dim)`` arrays (row i of X and row i
 of Y describe the same item); ``grid(Xs, Ys, metric)`` compares every layer of one model
 with every layer of another, processing each layer once and all pairs together;
-``grid_stats`` adds bootstrap intervals and a permutation null.
+``grid_stats`` adds bootstrap intervals and a permutation null (``bootstrap_replicates`` gives
+the resampled grids themselves, for intervals of differences); ``RidgeMap`` and
+``ProcrustesMap`` fit linear maps between two spaces for the forced-choice and retrieval
+studies.
 
 Metrics (:data:`METRICS`), their options and defaults (details in each class's docstring):
 
@@ -42,11 +45,17 @@ O(D^2) for summed width D; the other kernel metrics are O(n^2) per layer).
 
 from .engine import METRICS, grid, metric_options, score
 from .inputs import MetricInputError
-from .stats import GridStats, grid_stats, score_stats
+from .maps import MAPS, ProcrustesMap, RidgeMap, cosine
+from .stats import GridStats, bootstrap_replicates, grid_stats, score_stats
 
 __all__ = [
     "METRICS",
     "GridStats",
+    "MAPS",
+    "ProcrustesMap",
+    "RidgeMap",
+    "bootstrap_replicates",
+    "cosine",
     "MetricInputError",
     "grid",
     "grid_stats",

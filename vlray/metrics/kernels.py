@@ -111,18 +111,30 @@ def median(v: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_mask(n: int, offset: int, ctx: Context) -> torch.Tensor | None:
-    """Upper-triangle entries to keep under a bootstrap resample: every pair of distinct items,
-    and the diagonal where the vector has one; None when every row is its own item.
+    """Positions of the upper-triangle entries to keep under a bootstrap resample: every pair
+    of distinct items, and the diagonal where the vector has one; None when every row is its
+    own item.
 
     A pair of two copies of one item compares the item with itself. Counted as a pair it
     inflates every similarity-based score (the biased HSIC most: a CKA bootstrap without this
     sits above its own point estimate at a few hundred items), so resamples leave it out.
     """
-    groups = ctx.groups()
-    if groups is None:
+    if ctx.rows is None:
         return None
+    # Every layer of a resample has the same mask: build it once per (resample, n, offset).
+    key = (n, offset, str(ctx.device))
+    cached = _MASKS.get(key)
+    if cached is not None and cached[0] is ctx.rows:
+        return cached[1]
+    groups = ctx.groups()
     rows, cols = torch.triu_indices(n, n, offset, device=groups.device)
-    return (groups[rows] != groups[cols]) | (rows == cols)
+    keep = torch.nonzero((groups[rows] != groups[cols]) | (rows == cols)).squeeze(1)
+    _MASKS.clear()
+    _MASKS[key] = (ctx.rows, keep)
+    return keep
+
+
+_MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _without_copy_pairs(v: torch.Tensor, n: int, offset: int, ctx: Context) -> torch.Tensor:

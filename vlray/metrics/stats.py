@@ -44,6 +44,46 @@ def _count(name: str, v: Any) -> int:
     return int(v)
 
 
+def _replicates(problem: Any, n_boot: int, seed: int) -> np.ndarray:
+    """The grid on ``n_boot`` item resamples; resample b depends only on (seed, n, b)."""
+    n = problem.n
+    rng = np.random.default_rng([seed, 0])
+    reps = np.empty((n_boot, len(problem.xs), len(problem.ys)))
+    for b in range(n_boot):
+        rows = torch.from_numpy(rng.integers(0, n, size=n))
+        rctx = problem.context(rows)
+        try:
+            reps[b] = problem.evaluate(*problem.sides(rctx), rctx)
+        except MetricInputError as e:
+            raise MetricInputError(f"bootstrap resample {b}: {e}") from None
+    return reps
+
+
+def bootstrap_replicates(
+    Xs: Sequence[ArrayLike],
+    Ys: Sequence[ArrayLike],
+    metric: str,
+    *,
+    n_bootstrap: int,
+    seed: int = 0,
+    labels_x: Sequence[str] | None = None,
+    labels_y: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    **kw: Any,
+) -> np.ndarray:
+    """The grid recomputed on each of ``n_bootstrap`` item resamples: ``(n_bootstrap, X, Y)``.
+
+    Resample b is the same for every call with the same ``seed`` and number of items, and the
+    same as :func:`grid_stats` uses, so two calls over the same items give paired replicates:
+    the interval of a difference between two scores comes from their replicate differences.
+    """
+    n_boot = _count("n_bootstrap", n_bootstrap)
+    _count("seed", seed)
+    problem = setup(Xs, Ys, metric, labels_x, labels_y, device, dtype, kw)
+    return _replicates(problem, n_boot, seed)
+
+
 def grid_stats(
     Xs: Sequence[ArrayLike],
     Ys: Sequence[ArrayLike],
@@ -96,15 +136,7 @@ def grid_stats(
     ci_low, ci_high, null_mean, p_value = nan, nan.copy(), nan.copy(), nan.copy()
 
     if n_boot:
-        rng = np.random.default_rng([seed, 0])
-        reps = np.empty((n_boot, *value.shape))
-        for b in range(n_boot):
-            rows = torch.from_numpy(rng.integers(0, n, size=n))
-            rctx = problem.context(rows)
-            try:
-                reps[b] = problem.evaluate(*problem.sides(rctx), rctx)
-            except MetricInputError as e:
-                raise MetricInputError(f"bootstrap resample {b}: {e}") from None
+        reps = _replicates(problem, n_boot, seed)
         alpha = (1.0 - confidence) / 2
         ci_low, ci_high = np.quantile(reps, [alpha, 1.0 - alpha], axis=0)
 

@@ -49,10 +49,12 @@ class _Lazy:
         return inspect.signature(self.target())
 
 
-def _shapes(dataset: str, **params) -> tuple[pa.Table, pa.Table]:
-    from vlray.sources.shapes import generate
+def _shapes(dataset: str, **params) -> tuple[pa.Table, pa.Table, dict[str, pa.Table]]:
+    """The shapes world: its items, no refused rows, and its ``trials`` and ``concepts``."""
+    from vlray.sources.shapes import world
 
-    return generate(**params), quarantine_table([])
+    items, tables = world(**params)
+    return items, quarantine_table([]), tables
 
 
 def _manifest(dataset: str, manifest: str, root: str) -> tuple[pa.Table, pa.Table]:

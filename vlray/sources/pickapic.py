@@ -9,15 +9,24 @@ Items: one text item (role "caption") per distinct caption text, item id ``capti
 hash of the text, so a prompt ranked many times is embedded once); one image item (role
 "scene") per distinct image uid, item id the uid, bytes stored in ``image``, ``pair_id`` the
 id of the caption it was generated from. Each ranking also becomes a forced-choice trial
-(``vlray.items.TRIALS_SCHEMA``): trial id the ranking id, the caption, the two images, the
-labels, and ``preferred`` the index of the image with the higher label (null for a tie).
+(``vlray.items.TRIALS_SCHEMA``), direction ``text_to_image``: trial id the ranking id, query the
+caption, choices the two images, the labels, and ``preferred`` the index of the image with the
+higher label (null for a tie).
+
+Pick-a-Pic has no image-to-caption labels, so ``image_to_text`` trials are derived: for each
+ranking that is not a tie, the preferred image is the query and the choices are its own caption
+and the caption of another ranking (one with a different caption, drawn at random), in a random
+order; trial id ``RANKING/image_to_text``. Both draws come from one seeded numpy Generator, so the
+same files, ``limit`` and seed give the same trials.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import operator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -115,8 +124,9 @@ class _Builder:
         self.trials.append(
             {
                 "trial_id": ranking,
-                "caption_item_id": caption_id,
-                "image_item_ids": image_ids,
+                "direction": "text_to_image",
+                "query_item_id": caption_id,
+                "choice_item_ids": image_ids,
                 "preferred": preferred,
                 "label": labels,
                 "split": split,
@@ -171,13 +181,45 @@ class _Builder:
         )
         return uid
 
-    def finish(self) -> tuple[pa.Table, pa.Table, dict[str, pa.Table]]:
+    def finish(self, seed: int) -> tuple[pa.Table, pa.Table, dict[str, pa.Table]]:
         for uid, (reason, where) in self.bad_images.items():
             if uid not in self.images:
                 self.out.reject(uid, IMAGE, "validate", reason, where)
-        trials = [t for t in self.trials if all(i in self.images for i in t["image_item_ids"])]
+        trials = [t for t in self.trials if all(i in self.images for i in t["choice_item_ids"])]
         items, quarantine = self.out.tables()
+        trials += _image_to_text(trials, np.random.default_rng(seed))
         return items, quarantine, {"trials": trials_table(trials)}
+
+
+def _image_to_text(trials: list[dict], rng: np.random.Generator) -> list[dict]:
+    """Derived image-to-caption trials: each non-tie ranking's preferred image, choosing between
+    its own caption (label 1) and another ranking's different caption (label 0)."""
+    captions = [t["query_item_id"] for t in trials]
+    if len(set(captions)) < 2:
+        return []  # a single prompt: no other caption to set against it
+    out = []
+    for t in trials:
+        if t["preferred"] is None:
+            continue  # a tie names no image that goes with the caption better
+        while True:  # rejection: uniform over the rankings whose caption differs
+            other = captions[int(rng.integers(0, len(captions)))]
+            if other != t["query_item_id"]:
+                break
+        order = rng.permutation(2)  # choice k is candidate order[k]; candidate 0 is the own caption
+        candidates = [t["query_item_id"], other]
+        out.append(
+            {
+                "trial_id": f"{t['trial_id']}/image_to_text",
+                "direction": "image_to_text",
+                "query_item_id": t["choice_item_ids"][t["preferred"]],
+                "choice_item_ids": [candidates[k] for k in order],
+                "preferred": int(np.flatnonzero(order == 0)[0]),
+                "label": [1.0 if k == 0 else 0.0 for k in order],
+                "split": t["split"],
+                "source": t["source"],
+            }
+        )
+    return out
 
 
 def load_pickapic(
@@ -185,6 +227,7 @@ def load_pickapic(
     path: str,
     split: str | None = None,
     limit: int | None = None,
+    image_to_text_seed: int = 0,
 ) -> tuple[pa.Table, pa.Table, dict[str, pa.Table]]:
     """Load Pick-a-Pic Parquet (a file or a folder of shards) into items, quarantine rows and a
     ``trials`` table.
@@ -196,9 +239,15 @@ def load_pickapic(
     quarantines that item (stage "validate", the reason names the ranking id and the column)
     and gives no trial; a row whose labels are not a preference gives no trial and a
     quarantine row with modality null. Ties are trials with ``preferred`` null.
+
+    Besides these ``text_to_image`` trials, every non-tie ranking gives a derived
+    ``image_to_text`` trial (see the module docstring); ``image_to_text_seed`` (an integer >= 0)
+    seeds the draw of its other caption and the order of its two choices. A dataset with a
+    single distinct caption gives none.
     """
     path = check_text_param("path", path) or ""
     limit = check_limit("limit", limit)
+    seed = _check_seed("image_to_text_seed", image_to_text_seed)
     builder = _Builder(dataset)
     n = 0
     for file in files_under(path, (".parquet",), "Pick-a-Pic data"):
@@ -208,8 +257,21 @@ def load_pickapic(
         for batch in parquet.iter_batches(batch_size=256, columns=list(COLUMNS)):
             for row in batch.to_pylist():
                 if limit is not None and n >= limit:
-                    return builder.finish()
+                    return builder.finish(seed)
                 row_number += 1
                 n += 1
                 builder.add(row, f"{file}:row {row_number}", file_split)
-    return builder.finish()
+    return builder.finish(seed)
+
+
+def _check_seed(name: str, value: object) -> int:
+    """A seed parameter as an int >= 0, or a ValueError naming it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {number}")
+    return number

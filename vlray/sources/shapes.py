@@ -5,9 +5,15 @@ Nothing here touches the network. ``generate`` returns an items table (``ITEMS_S
 - exemplar images: one coloured shape per image, ``exemplars_per_concept`` per concept;
 - scene images: 2-3 non-overlapping shapes, so relations such as "left of" hold exactly;
 - captions of every image, from several templates, paired with their image by ``pair_id``;
-- in-context sentences that use a concept phrase (``word``) verbatim;
+- in-context sentences that use a concept phrase (``word``) verbatim, and as many for every
+  other phrase of ``VOCABULARY`` (concept null): the words concept retrieval ranks among;
 - exact perturbations of scene images and scene captions (see ``IMAGE_PERTURBATIONS`` and
-  ``TEXT_PERTURBATIONS``), each keeping its original's ``item_id``.
+  ``TEXT_PERTURBATIONS``), each keeping its original's ``item_id``;
+- per scene a near-miss foil (role "foil"): the scene with one object's shape or colour
+  changed, as an image and as its first caption.
+
+``world`` returns the same items and the extra tables of a source: ``trials`` (forced choice
+between each scene and its foil, both directions) and ``concepts`` (aliases, word frequency).
 
 Every image is drawn from its scene graph (``render_scene``), and every perturbation edits the
 scene graph (or the caption's structured description) and draws again, so a perturbed row
@@ -28,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from vlray.items import IMAGE, TEXT, items_table
+from vlray.items import IMAGE, TEXT, concepts_table, items_table, trials_table
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
@@ -88,6 +94,12 @@ def _aliases(concept: str) -> tuple[str, ...]:
 
 ALIASES: dict[str, tuple[str, ...]] = {concept: _aliases(concept) for concept in CONCEPTS}
 
+COLOUR_WORDS: tuple[str, ...] = COLOURS + tuple(w for ws in _COLOUR_SYNONYMS.values() for w in ws)
+SHAPE_WORDS: tuple[str, ...] = SHAPES + tuple(w for ws in _SHAPE_SYNONYMS.values() for w in ws)
+# Every "COLOUR SHAPE" phrase over all colour and shape words (the concepts and their aliases
+# among them): with context sentences for each, concept retrieval ranks among all 84, not 24.
+VOCABULARY: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPE_WORDS for c in COLOUR_WORDS)
+
 IMAGE_PERTURBATIONS: tuple[str, ...] = (
     "image_appearance/background",
     "image_appearance/brightness",
@@ -106,6 +118,7 @@ TEXT_PERTURBATIONS: tuple[str, ...] = (
 
 # Sub-stream tags: each kind of item draws from its own generator, keyed by its index.
 _EXEMPLAR, _SCENE, _CONTEXT, _IMAGE_PERTURB, _TEXT_PERTURB = 1, 2, 3, 4, 5
+_FOIL, _VOCABULARY, _TRIAL = 6, 7, 8  # added later: new tags, so older rows keep their bytes
 
 _SUPERSAMPLE = 2  # draw at 2x and box-downsample: cheap antialiasing
 _OUTLINE = 0.009  # outline width as a fraction of the image side (at the final size)
@@ -584,6 +597,85 @@ def _perturb_caption(
 
 
 # --------------------------------------------------------------------------------------------
+# Foils: near misses for forced choice
+
+
+def _reshaped(graph: dict, index: int, shape: str) -> list[dict] | None:
+    """The objects with object ``index`` drawn as ``shape``, or None where that would move a
+    relation, close a gap, leave the frame or repeat another object's (shape, colour)."""
+    size, objects = graph["image_size"], graph["objects"]
+    o = objects[index]
+    if shape == o["shape"] or any(
+        (p["shape"], p["colour"]) == (shape, o["colour"]) for p in objects
+    ):
+        return None
+    new = _make_object(
+        o["id"], shape, o["colour"], o["radius"], o["rotation"], o["x"], o["y"], size
+    )
+    others = [p for i, p in enumerate(objects) if i != index]
+    if not all(0 <= v <= size for v in new["bbox"]) or new["size"] != o["size"]:
+        return None
+    if not all(_separated(new["bbox"], p["bbox"], _GAP * size) for p in others):
+        return None
+    changed = [new if i == index else p for i, p in enumerate(objects)]
+    # Same relations, so every caption template reads the same but for the shape word.
+    return changed if _relations(changed) == graph["relations"] else None
+
+
+def _foil_graph(graph: dict, rng: np.random.Generator) -> dict:
+    """The scene graph with exactly one object changed in one attribute: half the time its shape
+    (where some change keeps the layout's relations), else its colour (to one the scene lacks)."""
+    size, objects, background = graph["image_size"], graph["objects"], graph["background"]
+    if int(rng.integers(0, 2)) == 0:
+        options = [
+            changed
+            for i in range(len(objects))
+            for shape in SHAPES
+            if (changed := _reshaped(graph, i, shape)) is not None
+        ]
+        if options:
+            return _graph(options[int(rng.integers(0, len(options)))], background, size)
+    index = int(rng.integers(0, len(objects)))
+    free = _free_colours(objects)
+    return _graph(
+        _recolour(objects, index, free[int(rng.integers(0, len(free)))]), background, size
+    )
+
+
+def _choice_trial(
+    scene: str,
+    direction: str,
+    query: str,
+    true_and_foil: tuple[str, str],
+    split: str,
+    rng: np.random.Generator,
+) -> dict:
+    """One forced-choice trial between the true item and its foil, in a seeded order."""
+    order = rng.permutation(2)  # choice k is candidate order[k]; candidate 0 is the true one
+    return {
+        "trial_id": f"{scene}/{direction}",
+        "direction": direction,
+        "query_item_id": query,
+        "choice_item_ids": [true_and_foil[k] for k in order],
+        "preferred": int(np.flatnonzero(order == 0)[0]),
+        "label": [1.0 if k == 0 else 0.0 for k in order],
+        "split": split,
+    }
+
+
+def _scene_trials(seed: int, index: int) -> list[dict]:
+    """A scene's two trials: its first caption between scene and foil image (text_to_image),
+    and the scene image between its first caption and the foil's (image_to_text)."""
+    rng = np.random.default_rng([seed, _TRIAL, index])
+    scene, split = _scene_id(index), _split_scene(index)
+    foil, caption = f"{scene}-foil", f"{scene}#c0"
+    return [
+        _choice_trial(scene, "text_to_image", caption, (scene, foil), split, rng),
+        _choice_trial(scene, "image_to_text", scene, (caption, f"{foil}#c0"), split, rng),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
 # Rows
 
 
@@ -595,6 +687,10 @@ def _split_last(index: int, count: int) -> str:
     """The last ~20% of a concept's items are test: every concept gets the same share."""
     n_test = max(1, round(_SPLIT_TEST_FRACTION * count))
     return "test" if index >= count - n_test else "train"
+
+
+def _scene_id(index: int) -> str:
+    return f"scene-{index:04d}"
 
 
 def _split_scene(index: int) -> str:
@@ -630,12 +726,13 @@ def _caption_row(
     split: str,
     text: str,
     perturbation: str | None = None,
+    role: str = "caption",
 ) -> dict:
     return {
         "item_id": item_id,
         "modality": TEXT,
         "pair_id": pair_id,
-        "role": "caption",
+        "role": role,
         "concept": concept,
         "split": split,
         "text": text,
@@ -660,32 +757,84 @@ def _exemplar_rows(
     return rows
 
 
+def _sentence_rows(
+    rng: np.random.Generator, prefix: str, phrase: str, concept: str | None, count: int
+) -> list[dict]:
+    """``count`` context sentences of ``phrase`` from distinct templates, ids PREFIX-SLUG-KK."""
+    order = rng.permutation(len(CONTEXT_TEMPLATES))[:count]
+    return [
+        {
+            "item_id": f"{prefix}-{_slug(phrase)}-{k:02d}",
+            "modality": TEXT,
+            "role": "context",
+            "concept": concept,
+            "split": _split_last(k, count),
+            "text": _context_sentence(CONTEXT_TEMPLATES[t], phrase),
+            "word": phrase,
+        }
+        for k, t in enumerate(order)
+    ]
+
+
 def _context_rows(seed: int, sentences_per_concept: int) -> list[dict]:
     rows = []
     for c, concept in enumerate(CONCEPTS):
         rng = np.random.default_rng([seed, _CONTEXT, c])
-        order = rng.permutation(len(CONTEXT_TEMPLATES))[:sentences_per_concept]
-        for k, t in enumerate(order):
-            rows.append(
-                {
-                    "item_id": f"ctx-{_slug(concept)}-{k:02d}",
-                    "modality": TEXT,
-                    "role": "context",
-                    "concept": concept,
-                    "split": _split_last(k, sentences_per_concept),
-                    "text": _context_sentence(CONTEXT_TEMPLATES[t], concept),
-                    "word": concept,
-                }
-            )
+        rows += _sentence_rows(rng, "ctx", concept, concept, sentences_per_concept)
     return rows
 
 
+def _vocabulary_rows(seed: int, sentences_per_concept: int) -> list[dict]:
+    """Context sentences of every ``VOCABULARY`` phrase that is no concept, concept null: they
+    widen retrieval's candidates but stay out of concept means (which group by concept)."""
+    rows = []
+    for v, phrase in enumerate(VOCABULARY):
+        if phrase not in CONCEPTS:
+            rng = np.random.default_rng([seed, _VOCABULARY, v])
+            rows += _sentence_rows(rng, "voc", phrase, None, sentences_per_concept)
+    return rows
+
+
+def _concept_rows(source: str) -> list[dict]:
+    """One row per concept: its word, its aliases (the word first) and the word's Zipf
+    frequency in English (wordfreq's estimate for the two-word phrase)."""
+    from wordfreq import zipf_frequency  # imported here: only ``world`` needs it
+
+    return [
+        {
+            "concept": concept,
+            "word": concept,
+            "aliases": list(ALIASES[concept]),
+            "frequency": zipf_frequency(concept, "en"),
+            "polysemy": None,
+            "source": source,
+        }
+        for concept in CONCEPTS
+    ]
+
+
+def _foil_rows(seed: int, index: int, graph: dict, template: str, split: str) -> list[dict]:
+    """The scene's foil image and its caption from the scene's first caption template."""
+    foil = _foil_graph(graph, np.random.default_rng([seed, _FOIL, index]))
+    item_id = f"{_scene_id(index)}-foil"
+    text = _render_caption(template, foil["objects"], graph["image_size"])
+    return [
+        _image_row(item_id, "foil", None, split, foil),
+        _caption_row(f"{item_id}#c0", item_id, None, split, text, role="foil"),
+    ]
+
+
 def _scene_rows(
-    seed: int, index: int, captions_per_image: int, image_size: int, perturbations: bool
+    seed: int,
+    index: int,
+    captions_per_image: int,
+    image_size: int,
+    perturbations: bool,
+    foils: bool = False,
 ) -> list[dict]:
     rng = np.random.default_rng([seed, _SCENE, index])
     graph = _scene_graph(rng, image_size)
-    item_id, split = f"scene-{index:04d}", _split_scene(index)
+    item_id, split = _scene_id(index), _split_scene(index)
     templates = _caption_templates(rng, len(graph["objects"]), captions_per_image)
     captions = [_render_caption(t, graph["objects"], image_size) for t in templates]
     rows = [_image_row(item_id, "scene", None, split, graph)]
@@ -693,6 +842,8 @@ def _scene_rows(
         _caption_row(f"{item_id}#c{j}", item_id, None, split, text)
         for j, text in enumerate(captions)
     ]
+    if foils:
+        rows += _foil_rows(seed, index, graph, templates[0], split)
     if not perturbations:
         return rows
     for p, name in enumerate(IMAGE_PERTURBATIONS):
@@ -724,23 +875,18 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return number
 
 
-def generate(
-    seed: int = 0,
-    n_scenes: int = 64,
-    exemplars_per_concept: int = 8,
-    captions_per_image: int = 3,
-    sentences_per_concept: int = 10,
-    image_size: int = 224,
-    perturbations: bool = True,
-) -> pa.Table:
-    """Render the shapes world for ``seed`` as an items table (``vlray.items.ITEMS_SCHEMA``).
-
-    Rows: per concept ``exemplars_per_concept`` exemplar images with ``captions_per_image``
-    captions each and ``sentences_per_concept`` context sentences; ``n_scenes`` scene images
-    with their captions; and, if ``perturbations``, one copy of every scene image per
-    ``IMAGE_PERTURBATIONS`` entry and of every scene caption per ``TEXT_PERTURBATIONS`` entry.
-    The same arguments give the same bytes.
-    """
+def _build(
+    seed: int,
+    n_scenes: int,
+    exemplars_per_concept: int,
+    captions_per_image: int,
+    sentences_per_concept: int,
+    image_size: int,
+    perturbations: bool,
+    foils: bool,
+    vocabulary: bool,
+) -> tuple[pa.Table, list[dict], str]:
+    """The checked arguments' items table, trial rows (empty without foils) and source name."""
     seed = _check_int("seed", seed, 0)
     n_scenes = _check_int("n_scenes", n_scenes, 0)
     exemplars_per_concept = _check_int("exemplars_per_concept", exemplars_per_concept, 8)
@@ -751,14 +897,97 @@ def generate(
         "sentences_per_concept", sentences_per_concept, 1, len(CONTEXT_TEMPLATES)
     )
     image_size = _check_int("image_size", image_size, 64, 2048)
-    if not isinstance(perturbations, bool):
-        raise ValueError(f"perturbations must be True or False, got {perturbations!r}")
+    for name, flag in (
+        ("perturbations", perturbations),
+        ("foils", foils),
+        ("vocabulary", vocabulary),
+    ):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
 
     rows = _exemplar_rows(seed, exemplars_per_concept, captions_per_image, image_size)
     rows += _context_rows(seed, sentences_per_concept)
+    if vocabulary:
+        rows += _vocabulary_rows(seed, sentences_per_concept)
+    trials = []
     for index in range(n_scenes):
-        rows += _scene_rows(seed, index, captions_per_image, image_size, perturbations)
+        rows += _scene_rows(seed, index, captions_per_image, image_size, perturbations, foils)
+        if foils:
+            trials += _scene_trials(seed, index)
     source = f"shapes:seed={seed}"
-    for row in rows:
+    for row in rows + trials:
         row["source"] = source
-    return items_table(rows)
+    return items_table(rows), trials, source
+
+
+def generate(
+    seed: int = 0,
+    n_scenes: int = 64,
+    exemplars_per_concept: int = 8,
+    captions_per_image: int = 3,
+    sentences_per_concept: int = 10,
+    image_size: int = 224,
+    perturbations: bool = True,
+    foils: bool = True,
+    vocabulary: bool = True,
+) -> pa.Table:
+    """Render the shapes world for ``seed`` as an items table (``vlray.items.ITEMS_SCHEMA``).
+
+    Rows: per concept ``exemplars_per_concept`` exemplar images with ``captions_per_image``
+    captions each and ``sentences_per_concept`` context sentences; ``n_scenes`` scene images
+    with their captions; and, if ``perturbations``, one copy of every scene image per
+    ``IMAGE_PERTURBATIONS`` entry and of every scene caption per ``TEXT_PERTURBATIONS`` entry.
+    If ``vocabulary``, ``sentences_per_concept`` context sentences (concept null, ids
+    ``voc-SLUG-KK``) for every other ``VOCABULARY`` phrase; if ``foils``, per scene a foil image
+    ``scene-NNNN-foil`` and its caption ``scene-NNNN-foil#c0`` (role "foil"). Neither flag
+    changes the other rows. The same arguments give the same bytes.
+    """
+    return _build(
+        seed,
+        n_scenes,
+        exemplars_per_concept,
+        captions_per_image,
+        sentences_per_concept,
+        image_size,
+        perturbations,
+        foils,
+        vocabulary,
+    )[0]
+
+
+def world(
+    seed: int = 0,
+    n_scenes: int = 64,
+    exemplars_per_concept: int = 8,
+    captions_per_image: int = 3,
+    sentences_per_concept: int = 10,
+    image_size: int = 224,
+    perturbations: bool = True,
+    foils: bool = True,
+    vocabulary: bool = True,
+) -> tuple[pa.Table, dict[str, pa.Table]]:
+    """The shapes world as the ``shapes`` source gives it: ``generate``'s items table (same
+    arguments, same bytes) and its extra tables by name.
+
+    ``trials`` (``TRIALS_SCHEMA``; only if ``foils``): per scene ``scene-NNNN/text_to_image``
+    (query its first caption, choices the scene and foil images) and ``scene-NNNN/image_to_text``
+    (query the scene image, choices its first caption and the foil's), choices in a seeded
+    order, ``preferred`` the index of the true one, ``label`` 1 for it and 0 for the foil.
+    ``concepts`` (``CONCEPTS_SCHEMA``): per concept its word, ``ALIASES`` (the word first) and
+    the word's Zipf frequency from ``wordfreq``; polysemy null.
+    """
+    items, trials, source = _build(
+        seed,
+        n_scenes,
+        exemplars_per_concept,
+        captions_per_image,
+        sentences_per_concept,
+        image_size,
+        perturbations,
+        foils,
+        vocabulary,
+    )
+    tables = {"concepts": concepts_table(_concept_rows(source))}
+    if foils:
+        tables["trials"] = trials_table(trials)
+    return items, tables

@@ -1,0 +1,164 @@
+"""What the report reads: the named ``sql/report_*.sql`` queries over the lake's ``alignment``
+view, and the catalog's word on each model (modality, pretrained or random-init control)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from vlray.lake import Lake
+
+STUDY_TITLES = {
+    "layerwise": "Layerwise alignment",
+    "perturbation": "Perturbations",
+    "forced_choice": "Forced choice",
+    "exemplar": "Exemplar averaging",
+    "concept_retrieval": "Concept retrieval",
+}
+
+# The named queries the report runs (sql/NAME.sql), by the name they are kept under here.
+QUERIES = {
+    "overview": "report_overview",
+    "models": "report_models",
+    "peaks": "report_layerwise_peaks",
+    "grid": "report_layerwise_grid",
+    "depth": "report_depth_profile",
+    "drops": "report_perturbation_drops",
+    "forced_choice": "report_forced_choice",
+    "exemplar": "report_exemplar_curves",
+    "retrieval": "report_concept_retrieval",
+}
+
+
+class ReportError(ValueError):
+    """The lake cannot be reported on (no lake, no results); the message names the lake."""
+
+
+class NoResultsError(ReportError):
+    """The lake exists but its alignment table is empty."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    modality: str | None  # vision | language; None when the catalog does not know the model
+    init: str  # pretrained | random (models not in the catalog count as pretrained)
+    in_catalog: bool
+
+    @property
+    def control(self) -> bool:
+        return self.init == "random"
+
+
+def model_info(name: str) -> ModelInfo:
+    """The catalog's entry for a model; a name it does not know is taken as pretrained."""
+    from vlray.catalog import CatalogError, get_spec
+
+    try:
+        spec = get_spec(name)
+    except CatalogError:
+        return ModelInfo(name, None, "pretrained", False)
+    return ModelInfo(name, spec.modality, spec.init, True)
+
+
+@dataclass
+class ReportData:
+    """The rows of every report query, as lists of dicts."""
+
+    lake: str
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> list[dict]:
+        return self.rows.get(name, [])
+
+    @cached_property
+    def studies(self) -> set[str]:
+        return {r["study"] for r in self["overview"]}
+
+    def has(self, study: str) -> bool:
+        return study in self.studies
+
+    @cached_property
+    def layers(self) -> dict[tuple[str, str], int]:
+        """(side, model) -> number of distinct layers in the results."""
+        return {(r["side"], r["model"]): int(r["layers"]) for r in self["models"]}
+
+    def depth(self, side: str, model: str, layer: int) -> float:
+        """Relative depth i / (L - 1) of a layer, L the model's distinct layers (0 if L = 1)."""
+        n = self.layers.get((side, model), 1)
+        return layer / (n - 1) if n > 1 else 0.0
+
+    @cached_property
+    def info(self) -> dict[str, ModelInfo]:
+        return {r["model"]: model_info(r["model"]) for r in self["models"]}
+
+    def is_control(self, model: str) -> bool:
+        return (self.info.get(model) or model_info(model)).control
+
+    def pairs(self) -> list[tuple[str, str, str]]:
+        """Every (dataset, vision model, language model) with results in any study."""
+        keys = set()
+        for name in ("grid", "drops", "forced_choice", "exemplar", "retrieval"):
+            keys |= {(r["dataset"], r["vision_model"], r["language_model"]) for r in self[name]}
+        return sorted(keys)
+
+    def pretrained_pairs(self) -> list[tuple[str, str, str]]:
+        return [p for p in self.pairs() if not self.is_control(p[1]) and not self.is_control(p[2])]
+
+
+def load(lake: Lake | str) -> ReportData:
+    """Run the report's named queries over a lake; raises ReportError naming the lake when
+    it has no lake or no alignment results."""
+    from vlray.sql import QueryError, connect, named_query, run_query
+
+    uri = lake.uri if isinstance(lake, Lake) else str(lake)
+    try:
+        con = connect(lake)
+    except QueryError as err:
+        raise ReportError(f"cannot report on lake {uri}: {err}") from None
+    data = ReportData(uri)
+    try:
+        for key, name in QUERIES.items():
+            data.rows[key] = run_query(con, named_query(name)).to_pylist()
+    except QueryError as err:
+        raise ReportError(f"cannot read the alignment results of lake {uri}: {err}") from None
+    finally:
+        con.close()
+    if not data["overview"]:
+        raise NoResultsError(
+            f"lake {uri} has no alignment results (LAKE/results/alignment is empty): "
+            "run `vlray align` first"
+        )
+    return data
+
+
+def deepest_rows(rows: list[dict]) -> list[dict]:
+    """The rows at the deepest layer pair (flagged by the query; else the last pair by layer)."""
+    flagged = [r for r in rows if r.get("deepest")]
+    if flagged or not rows:
+        return flagged
+    last = max((r["vision_layer"], r["language_layer"]) for r in rows)
+    return [r for r in rows if (r["vision_layer"], r["language_layer"]) == last]
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A score for reading: 2 decimals (3 below 0.1 in magnitude); '-' when missing."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    x = float(x)
+    if x != 0 and abs(x) < 0.1:
+        digits += 1
+    return f"{x:.{digits}f}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def fmt_ci(lo: float | None, hi: float | None) -> str:
+    if lo is None and hi is None:
+        return "no CI"
+    return f"[{fmt(lo)}, {fmt(hi)}]"

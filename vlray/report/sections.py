@@ -1,0 +1,587 @@
+"""One report section per study: its figures (PNG), the numbers behind each (a table and a
+CSV beside the PNG) and a one-line reading computed from those numbers."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlray.report import plots
+from vlray.report.data import STUDY_TITLES, ReportData, deepest_rows, fmt, fmt_ci, fmt_p
+
+BIN_ORDER = {"low": 0, "rare": 0, "mid": 1, "medium": 1, "high": 2, "frequent": 2}
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Figure:
+    title: str
+    png: str  # file name in the report folder
+    reading: str  # one line computed from the numbers
+    csv: str | None = None
+    table: Table | None = None
+
+
+@dataclass
+class Section:
+    study: str
+    ran: bool
+    intro: str = ""
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return STUDY_TITLES.get(self.study, self.study)
+
+
+def slug(*parts: str) -> str:
+    """A file name from parts, joined by '__' so that model names with '_' stay apart."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "__".join(str(p) for p in parts)).strip("-")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        if not rows:
+            return
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _groups(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[tuple(r[k] for k in keys)].append(r)
+    return out
+
+
+def _ordered(data: ReportData, groups: dict[tuple, list[dict]]) -> list[tuple]:
+    """Group keys (dataset, vision, language, ...): pretrained pairs first, controls after."""
+    return sorted(groups, key=lambda k: (k[0], data.is_control(k[1]) or data.is_control(k[2]), k))
+
+
+def pair_label(data: ReportData, vision: str, language: str) -> str:
+    controls = [m for m in (vision, language) if data.is_control(m)]
+    tag = f" (control: {', '.join(controls)} random-init)" if controls else ""
+    return f"{vision} x {language}{tag}"
+
+
+def short_pair(data: ReportData, vision: str, language: str) -> str:
+    """The pair for a figure title: controls flagged, without the explanation."""
+    return f"{vision} x {language}" + (
+        " (random-init control)" if data.is_control(vision) or data.is_control(language) else ""
+    )
+
+
+def _not_run(study: str) -> Section:
+    return Section(study, False, f"not run: the lake has no '{study}' results")
+
+
+# --- layerwise ----------------------------------------------------------------------------
+
+
+def layerwise_section(data: ReportData, out: Path) -> Section:
+    if not data.has("layerwise"):
+        return _not_run("layerwise")
+    section = Section("layerwise", True)
+    peaks = {
+        tuple(r[k] for k in ("dataset", "vision_model", "language_model", "metric")): r
+        for r in data["peaks"]
+    }
+    depth = {
+        tuple(r[k] for k in ("dataset", "vision_model", "language_model", "metric")): r
+        for r in data["depth"]
+    }
+    groups = _groups(data["grid"], "dataset", "vision_model", "language_model", "metric")
+    summary = Table(
+        [
+            "dataset",
+            "model pair",
+            "metric",
+            "peak",
+            "CI",
+            "null mean",
+            "p",
+            "at vision layer",
+            "x language layer",
+            "deepest third",
+            "shallowest third",
+        ],
+        [],
+        "Peak of every layer x layer grid (sql/report_layerwise_peaks.sql) and the mean over the "
+        "deepest and shallowest thirds of the vision layers (sql/report_depth_profile.sql).",
+    )
+    for key in _ordered(data, groups):
+        dataset, vision, language, metric = key
+        rows = groups[key]
+        peak, prof = peaks.get(key), depth.get(key, {})
+        if peak is None:  # every score NaN: nothing to draw
+            summary.rows.append(
+                [dataset, pair_label(data, vision, language), metric, "no finite score"]
+                + ["-"] * (len(summary.headers) - 4)
+            )
+            continue
+        v_layers = sorted({r["vision_layer"] for r in rows})
+        l_layers = sorted({r["language_layer"] for r in rows})
+        grid = np.full((len(v_layers), len(l_layers)), np.nan)
+        vi = {x: i for i, x in enumerate(v_layers)}
+        li = {x: j for j, x in enumerate(l_layers)}
+        for r in rows:
+            grid[vi[r["vision_layer"]], li[r["language_layer"]]] = _val(r["value"])
+        dv = data.depth("vision", vision, peak["vision_layer"])
+        dl = data.depth("language", language, peak["language_layer"])
+        reading = (
+            f"{metric} peaks at {fmt(peak['value'])} {fmt_ci(peak['ci_low'], peak['ci_high'])} "
+            f"at vision layer {peak['vision_layer']} (relative depth {dv:.2f}) x language layer "
+            f"{peak['language_layer']} (relative depth {dl:.2f}); null mean "
+            f"{fmt(peak['null_mean'])}, p={fmt_p(peak['p_value'])}"
+        )
+        if prof and prof.get("vision_layers", 0) > 1:
+            reading += (
+                f"; deepest third of vision layers {fmt(prof['deep_mean'])} vs shallowest third "
+                f"{fmt(prof['shallow_mean'])}"
+            )
+        summary.rows.append(
+            [
+                dataset,
+                pair_label(data, vision, language),
+                metric,
+                fmt(peak["value"]),
+                fmt_ci(peak["ci_low"], peak["ci_high"]),
+                fmt(peak["null_mean"]),
+                fmt_p(peak["p_value"]),
+                f"{peak['vision_layer']} ({dv:.2f})",
+                f"{peak['language_layer']} ({dl:.2f})",
+                fmt(prof.get("deep_mean")),
+                fmt(prof.get("shallow_mean")),
+            ]
+        )
+        name = slug("layerwise", dataset, vision, language, metric)
+        plots.heatmap(
+            out / f"{name}.png",
+            grid,
+            v_layers,
+            l_layers,
+            (vi[peak["vision_layer"]], li[peak["language_layer"]]),
+            f"{dataset}: {short_pair(data, vision, language)}\n{metric}, peak "
+            f"{fmt(peak['value'])} (red box) at vision {peak['vision_layer']} x language "
+            f"{peak['language_layer']}",
+            metric,
+        )
+        write_csv(out / f"{name}.csv", rows)
+        section.figures.append(
+            Figure(
+                f"{dataset}: {pair_label(data, vision, language)}, {metric}",
+                f"{name}.png",
+                reading,
+                f"{name}.csv",
+            )
+        )
+    section.tables.append(summary)
+    return section
+
+
+def _val(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+# --- perturbation -------------------------------------------------------------------------
+
+
+def perturbation_section(data: ReportData, out: Path) -> Section:
+    if not data.has("perturbation"):
+        return _not_run("perturbation")
+    section = Section(
+        "perturbation",
+        True,
+        "Drop = unperturbed minus perturbed score (positive: alignment lost), at the layer pair "
+        "where the unperturbed score peaks; error bars are paired-bootstrap CIs.",
+    )
+    groups = _groups(data["drops"], "dataset", "vision_model", "language_model", "metric")
+    if not groups:
+        section.intro += " The study wrote no `M_drop` rows, so there is nothing to plot."
+    for key in _ordered(data, groups):
+        dataset, vision, language, metric = key
+        rows = groups[key]
+        singles = [r for r in rows if r["perturbation"] is not None]
+        pooled = [r for r in rows if r["perturbation"] is None]
+        at = sorted({(r["vision_layer"], r["language_layer"]) for r in rows})
+        where = " / ".join(f"vision layer {a} x language layer {b}" for a, b in at)
+        unperturbed = next((r["unperturbed"] for r in rows if r["unperturbed"] is not None), None)
+        parts = [f"{metric} at {where}, unperturbed {fmt(unperturbed)}"]
+        if singles:
+            big = max(singles, key=lambda r: r["drop"])
+            small = min(singles, key=lambda r: r["drop"])
+            parts.append(
+                f"largest drop {big['condition']} {fmt(big['drop'])} "
+                f"{fmt_ci(big['ci_low'], big['ci_high'])}, smallest {small['condition']} "
+                f"{fmt(small['drop'])}"
+            )
+        if pooled:
+            parts.append(
+                "family drops "
+                + ", ".join(
+                    f"{r['family']} {fmt(r['drop'])}"
+                    for r in sorted(pooled, key=lambda r: r["family"])
+                )
+            )
+        name = slug("perturbation", dataset, vision, language, metric)
+        plots.drop_bars(
+            out / f"{name}.png",
+            [
+                (r["perturbation"], r["family"], r["drop"], r["ci_low"], r["ci_high"])
+                for r in sorted(singles, key=lambda r: (r["family"], r["perturbation"]))
+            ],
+            [
+                (r["family"], r["drop"], r["ci_low"], r["ci_high"])
+                for r in sorted(pooled, key=lambda r: r["family"])
+            ],
+            f"{dataset}: {short_pair(data, vision, language)}\n{metric} drop at {where}",
+            f"{metric} drop (unperturbed - perturbed)",
+        )
+        write_csv(out / f"{name}.csv", rows)
+        table = Table(
+            ["condition", "family", "unperturbed", "perturbed", "drop", "CI", "p", "n"],
+            [
+                [
+                    r["condition"],
+                    r["family"],
+                    fmt(r["unperturbed"]),
+                    fmt(r["perturbed"]),
+                    fmt(r["drop"]),
+                    fmt_ci(r["ci_low"], r["ci_high"]),
+                    fmt_p(r["p_value"]),
+                    str(r["n"] if r["n"] is not None else "-"),
+                ]
+                for r in rows
+            ],
+        )
+        section.figures.append(
+            Figure(
+                f"{dataset}: {pair_label(data, vision, language)}, {metric}",
+                f"{name}.png",
+                "; ".join(parts),
+                f"{name}.csv",
+                table,
+            )
+        )
+    return section
+
+
+# --- forced choice ------------------------------------------------------------------------
+
+
+def forced_choice_section(data: ReportData, out: Path) -> Section:
+    from vlray.report.findings import _above_chance, _direction_order, _p_value
+
+    if not data.has("forced_choice"):
+        return _not_run("forced_choice")
+    section = Section(
+        "forced_choice",
+        True,
+        "Accuracy at the deepest layer pair of each model pair (last vision layer x last "
+        "language layer), with Wilson CIs; the dashed line is chance.",
+    )
+    groups = _groups(data["forced_choice"], "dataset", "vision_model", "language_model")
+    for key in _ordered(data, groups):
+        dataset, vision, language = key
+        rows = sorted(groups[key], key=_direction_order)
+        first = rows[0]
+        where = f"vision layer {first['vision_layer']} x language layer {first['language_layer']}"
+        above = [_above_chance(r) for r in rows]
+        verdict = (
+            "above chance (CI low > chance, p < 0.01) in every direction"
+            if all(above)
+            else "not above chance in: "
+            + ", ".join(r["direction"] for r, a in zip(rows, above, strict=True) if not a)
+        )
+        reading = (
+            f"at the deepest layer pair ({where}): "
+            + ", ".join(
+                f"{r['direction']} {fmt(r['accuracy'])} {fmt_ci(r['ci_low'], r['ci_high'])} "
+                f"p={fmt_p(_p_value(r))}"
+                for r in rows
+            )
+            + f"; chance {fmt(first['chance'])}; {verdict}"
+        )
+        name = slug("forced_choice", dataset, vision, language)
+        plots.accuracy_bars(
+            out / f"{name}.png",
+            [(r["direction"], r["accuracy"], r["ci_low"], r["ci_high"]) for r in rows],
+            first["chance"],
+            f"{dataset}: {short_pair(data, vision, language)}\nat the deepest layer pair: {where}",
+        )
+        write_csv(out / f"{name}.csv", rows)
+        table = Table(
+            ["direction", "accuracy", "CI", "chance", "p", "trials"],
+            [
+                [
+                    r["direction"],
+                    fmt(r["accuracy"]),
+                    fmt_ci(r["ci_low"], r["ci_high"]),
+                    fmt(r["chance"]),
+                    fmt_p(_p_value(r)),
+                    str(r["n"]),
+                ]
+                for r in rows
+            ],
+        )
+        section.figures.append(
+            Figure(
+                f"{dataset}: {pair_label(data, vision, language)}",
+                f"{name}.png",
+                reading,
+                f"{name}.csv",
+                table,
+            )
+        )
+    return section
+
+
+# --- exemplar -----------------------------------------------------------------------------
+
+
+def exemplar_section(data: ReportData, out: Path) -> Section:
+    if not data.has("exemplar"):
+        return _not_run("exemplar")
+    section = Section(
+        "exemplar",
+        True,
+        "Score against the number of exemplars averaged per concept (k), at the deepest layer "
+        "pair; bands are percentile intervals over repeated draws, dotted lines the "
+        "permutation null.",
+    )
+    groups = _groups(data["exemplar"], "dataset", "vision_model", "language_model", "metric")
+    for key in _ordered(data, groups):
+        dataset, vision, language, metric = key
+        rows = groups[key]
+        first = rows[0]
+        where = f"vision layer {first['vision_layer']} x language layer {first['language_layer']}"
+        curves: dict[str, list] = defaultdict(list)
+        for r in rows:
+            curves[r["side"]].append(
+                (r["k"], r["value"], r["ci_low"], r["ci_high"], r["null_mean"])
+            )
+        parts = []
+        for side in sorted(curves):
+            pts = {r["k"]: r for r in rows if r["side"] == side}
+            ks = sorted(pts)
+            lo_k, hi_k = pts[ks[0]], pts[ks[-1]]
+            text = (
+                f"{side}: k={ks[0]} {fmt(lo_k['value'])} -> k={ks[-1]} "
+                f"{fmt(hi_k['value'])} ({hi_k['value'] - lo_k['value']:+.2f}"
+            )
+            if None not in (lo_k["ci_high"], hi_k["ci_low"], lo_k["ci_low"], hi_k["ci_high"]):
+                overlap = lo_k["ci_low"] <= hi_k["ci_high"] and hi_k["ci_low"] <= lo_k["ci_high"]
+                text += ", CIs overlap" if overlap else ", CIs do not overlap"
+            parts.append(text + ")")
+        reading = f"{metric} at {where}: " + "; ".join(parts)
+        name = slug("exemplar", dataset, vision, language, metric)
+        plots.exemplar_curves(
+            out / f"{name}.png",
+            dict(curves),
+            f"{dataset}: {short_pair(data, vision, language)}\n{metric} at the deepest layer "
+            f"pair: {where}",
+            metric,
+        )
+        write_csv(out / f"{name}.csv", rows)
+        table = Table(
+            ["side", "k", metric, "CI", "null mean", "n"],
+            [
+                [
+                    r["side"],
+                    str(r["k"]),
+                    fmt(r["value"]),
+                    fmt_ci(r["ci_low"], r["ci_high"]),
+                    fmt(r["null_mean"]),
+                    str(r["n"]),
+                ]
+                for r in rows
+            ],
+        )
+        section.figures.append(
+            Figure(
+                f"{dataset}: {pair_label(data, vision, language)}, {metric}",
+                f"{name}.png",
+                reading,
+                f"{name}.csv",
+                table,
+            )
+        )
+    return section
+
+
+# --- concept retrieval --------------------------------------------------------------------
+
+
+def _p_label(metric: str) -> str:
+    return metric.upper()
+
+
+def _k_order(metric: str) -> tuple:
+    digits = re.sub(r"\D", "", metric)
+    return (int(digits) if digits else 10**9, metric)
+
+
+def _bin_order(b: str) -> tuple:
+    return (BIN_ORDER.get(b.lower(), 99), b)
+
+
+def concept_retrieval_section(data: ReportData, out: Path) -> Section:
+    if not data.has("concept_retrieval"):
+        return _not_run("concept_retrieval")
+    section = Section(
+        "concept_retrieval",
+        True,
+        "Precision at 1, 10 and 100 of retrieving a concept's word from its image-side "
+        "embedding after Procrustes alignment, by nearest neighbour (nn) and CSLS; CIs "
+        "bootstrap over concepts; chance is the black tick.",
+    )
+    groups = _groups(data["retrieval"], "dataset", "vision_model", "language_model")
+    for key in _ordered(data, groups):
+        dataset, vision, language = key
+        all_rows = groups[key]
+        rows = deepest_rows(all_rows)
+        first = rows[0]
+        where = f"vision layer {first['vision_layer']} x language layer {first['language_layer']}"
+        n_pairs = len({(r["vision_layer"], r["language_layer"]) for r in all_rows})
+        other = f" ({n_pairs - 1} other layer pairs in the CSV)" if n_pairs > 1 else ""
+        name = slug("concept_retrieval", dataset, vision, language)
+        write_csv(out / f"{name}.csv", all_rows)
+        label = pair_label(data, vision, language)
+
+        overall = [r for r in rows if r["breakdown"] == "overall"]
+        metrics = sorted({r["metric"] for r in rows}, key=_k_order)
+        if overall:
+            methods: dict[str, list] = defaultdict(list)
+            for r in sorted(overall, key=lambda r: _k_order(r["metric"])):
+                methods[r["method"]].append(
+                    (_p_label(r["metric"]), r["value"], r["ci_low"], r["ci_high"], r["chance"])
+                )
+            reading = f"at {where}{other}: " + "; ".join(
+                f"{m}: "
+                + ", ".join(
+                    f"{_p_label(r['metric'])} {fmt(r['value'])}"
+                    + (
+                        f" (chance {fmt(r['chance'])}, {r['value'] / r['chance']:.1f}x)"
+                        if r["chance"]
+                        else ""
+                    )
+                    for r in sorted(overall, key=lambda r: _k_order(r["metric"]))
+                    if r["method"] == m
+                )
+                for m in sorted(methods)
+            )
+            plots.retrieval_bars(
+                out / f"{name}.png",
+                dict(methods),
+                f"{dataset}: {short_pair(data, vision, language)}\nat {where}",
+                labels=[_p_label(m) for m in metrics],
+            )
+            table = Table(
+                ["method", "metric", "value", "CI", "chance", "x chance", "concepts"],
+                [
+                    [
+                        r["method"],
+                        _p_label(r["metric"]),
+                        fmt(r["value"]),
+                        fmt_ci(r["ci_low"], r["ci_high"]),
+                        fmt(r["chance"]),
+                        f"{r['value'] / r['chance']:.1f}" if r["chance"] else "-",
+                        str(r["n"]),
+                    ]
+                    for r in sorted(overall, key=lambda r: (r["method"], _k_order(r["metric"])))
+                ],
+            )
+            section.figures.append(
+                Figure(f"{dataset}: {label}", f"{name}.png", reading, f"{name}.csv", table)
+            )
+
+        for breakdown in sorted({r["breakdown"] for r in rows} - {"overall"}):
+            brows = [r for r in rows if r["breakdown"] == breakdown]
+            bins = sorted({r["bin"] for r in brows}, key=_bin_order)
+            methods_b = sorted({r["method"] for r in brows})
+            cell = {(r["bin"], r["method"], r["metric"]): r for r in brows}
+            shown = "p@10" if any(r["metric"] == "p@10" for r in brows) else metrics[0]
+            table = Table(
+                [breakdown]
+                + [f"{m} {_p_label(k)}" for m in methods_b for k in metrics]
+                + ["concepts"],
+                [
+                    [b]
+                    + [
+                        (
+                            f"{fmt(c['value'])} {fmt_ci(c['ci_low'], c['ci_high'])}"
+                            f" (chance {fmt(c['chance'])})"
+                            if (c := cell.get((b, m, k)))
+                            else "-"
+                        )
+                        for m in methods_b
+                        for k in metrics
+                    ]
+                    + [str(max((r["n"] or 0) for r in brows if r["bin"] == b))]
+                    for b in bins
+                ],
+            )
+            series = {
+                m: [
+                    (
+                        b,
+                        cell[(b, m, shown)]["value"],
+                        cell[(b, m, shown)]["ci_low"],
+                        cell[(b, m, shown)]["ci_high"],
+                        cell[(b, m, shown)]["chance"],
+                    )
+                    for b in bins
+                    if (b, m, shown) in cell
+                ]
+                for m in methods_b
+            }
+            reading = f"{_p_label(shown)} by {breakdown} at {where}: " + "; ".join(
+                f"{m} " + ", ".join(f"{b} {fmt(v)}" for b, v, *_ in series[m]) for m in methods_b
+            )
+            bname = slug("concept_retrieval", dataset, vision, language, breakdown)
+            plots.retrieval_bars(
+                out / f"{bname}.png",
+                series,
+                f"{dataset}: {short_pair(data, vision, language)}\n"
+                f"{_p_label(shown)} by {breakdown} bin, at {where}",
+                labels=bins,
+                xlabel=f"{breakdown} bin",
+            )
+            section.figures.append(
+                Figure(
+                    f"{dataset}: {label}, by {breakdown}",
+                    f"{bname}.png",
+                    reading,
+                    f"{name}.csv",
+                    table,
+                )
+            )
+    return section
+
+
+SECTIONS = (
+    layerwise_section,
+    perturbation_section,
+    forced_choice_section,
+    exemplar_section,
+    concept_retrieval_section,
+)
+
+
+def build_sections(data: ReportData, out: Path) -> list[Section]:
+    """Every study's section, its PNG and CSV files written into ``out``."""
+    return [make(data, out) for make in SECTIONS]

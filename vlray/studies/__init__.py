@@ -1,0 +1,35 @@
+"""The five studies of DESIGN.md, each one module with ``run(inputs, run_id) -> rows``.
+
+==================  =========================================================================
+study               question (paper)
+==================  =========================================================================
+layerwise           how aligned is every (vision layer, language layer) pair? (He+ 2025)
+perturbation        does alignment survive appearance changes, fall under semantic ones?
+forced_choice       does a map between the spaces pick the preferred image / caption?
+exemplar            does averaging k exemplars per concept raise concept-level alignment?
+concept_retrieval   can a Procrustes map retrieve a concept's word from its images? (Li+ 2024)
+==================  =========================================================================
+
+A study reads what it needs through :class:`StudyInputs` (one dataset, one vision and one
+language model), returns rows of the ``alignment`` results table (``vlray.results``), and
+raises :class:`StudySkipped` when the dataset lacks its inputs (no trials, no perturbations,
+too few concepts). Adding a study is one module and one entry in ``STUDIES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import concept_retrieval, exemplar, forced_choice, layerwise, perturbation
+from .inputs import StudyInputs, StudySkipped
+from .options import STUDY_NAMES, AlignOptions
+
+STUDIES: dict[str, Callable[[StudyInputs, str], list[dict]]] = {
+    "layerwise": layerwise.run,
+    "perturbation": perturbation.run,
+    "forced_choice": forced_choice.run,
+    "exemplar": exemplar.run,
+    "concept_retrieval": concept_retrieval.run,
+}
+
+__all__ = ["STUDIES", "STUDY_NAMES", "AlignOptions", "StudyInputs", "StudySkipped"]

@@ -1,0 +1,169 @@
+"""Forced choice: is a human (or ground-truth) preference mirrored in the embedding spaces?
+
+He, Trott & Khosla (2025), after Pick-a-Pic. A linear map between the two spaces (ridge or
+Procrustes, ``forced_choice.map``) is fitted on paired training items; then, on held-out
+trials, a caption mapped into the vision space picks the closer of its candidate images
+(``text_to_image``), and an image mapped into the language space picks the closer of its
+candidate captions (``image_to_text``). Accuracy against the preferred choice (ties
+excluded), with a Wilson interval and a one-sided binomial test against chance.
+
+Trials are cross-fitted: in each of ``folds`` folds the map is fitted without any item that a
+held-out trial uses (by ``pair_id``), so every trial is scored once and none by a map that
+has seen its answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from scipy.stats import binomtest
+
+from vlray import metrics
+from vlray.results import score_row
+
+from .inputs import StudyInputs, StudySkipped
+
+DIRECTIONS = {"text_to_image": ("language", "vision"), "image_to_text": ("vision", "language")}
+
+
+def _usable_trials(inputs: StudyInputs) -> dict:
+    """Per direction: query ids, choice id lists and preferred indexes of scoreable trials."""
+    trials = inputs.table("trials")
+    trials = trials.filter(pc.field("preferred").is_valid())
+    if trials.num_rows == 0:
+        raise StudySkipped(
+            f"dataset '{inputs.dataset}' has no forced-choice trials with a preference"
+        )
+    embedded = {side: set(inputs.stack(side).item_ids) for side in ("vision", "language")}
+    out = {}
+    for direction, (query_side, choice_side) in DIRECTIONS.items():
+        part = trials.filter(pc.field("direction") == direction)
+        kept = [
+            (q, list(c), int(p))
+            for q, c, p in zip(
+                part["query_item_id"].to_pylist(),
+                part["choice_item_ids"].to_pylist(),
+                part["preferred"].to_pylist(),
+                strict=True,
+            )
+            if q in embedded[query_side] and c and all(x in embedded[choice_side] for x in c)
+        ]
+        if kept:
+            out[direction] = kept
+    if not out:
+        raise StudySkipped("no trial has its query and every choice embedded by both models")
+    return out
+
+
+def run(inputs: StudyInputs, run_id: str) -> list[dict]:
+    options = inputs.options
+    own = options.forced_choice
+    trials = _usable_trials(inputs)
+    v_train, t_train = inputs.pairs()
+    pair_of = dict(
+        zip(inputs.items["item_id"].to_pylist(), inputs.items["pair_id"].to_pylist(), strict=True)
+    )
+    train_pairs = np.array([pair_of.get(i, i) for i in v_train.item_ids], dtype=object)
+    stacks = {"vision": inputs.stack("vision"), "language": inputs.stack("language")}
+    index = {side: {item: r for r, item in enumerate(s.item_ids)} for side, s in stacks.items()}
+    depth = {side: len(s.layers) for side, s in stacks.items()}
+    layer_pairs = (
+        [(a, b) for a in range(depth["vision"]) for b in range(depth["language"])]
+        if own.layers == "all"
+        else [(depth["vision"] - 1, depth["language"] - 1)]
+    )
+    rng = np.random.default_rng([options.seed, 7])
+    rows, where = [], inputs.where("forced_choice", run_id)
+    for direction, kept in trials.items():
+        query_side, choice_side = DIRECTIONS[direction]
+        fold_of = rng.permutation(len(kept)) % own.folds
+        correct = np.zeros((depth["vision"], depth["language"]), dtype=np.int64)
+        for f in range(own.folds):
+            held = [kept[t] for t in np.flatnonzero(fold_of == f)]
+            if not held:
+                continue
+            used = {pair_of.get(x, x) for q, c, _ in held for x in (q, *c)}
+            train = ~np.isin(train_pairs, list(used))
+            if train.sum() < 3:
+                raise StudySkipped(f"fewer than 3 training pairs left outside fold {f}")
+            src_train = (t_train if query_side == "language" else v_train).layers
+            dst_train = (v_train if query_side == "language" else t_train).layers
+            q_rows = [index[query_side][q] for q, _, _ in held]
+            correct += _fold_hits(
+                own.map,
+                held,
+                q_rows,
+                index[choice_side],
+                stacks[query_side].layers,
+                stacks[choice_side].layers,
+                src_train,
+                dst_train,
+                train,
+                layer_pairs,
+                query_side == "vision",
+            )
+        n = len(kept)
+        chance = float(np.mean([1.0 / len(c) for _, c, _ in kept]))
+        for a, b in layer_pairs:
+            k = int(correct[a, b])
+            test = binomtest(k, n, chance, alternative="greater")
+            # The interval is two-sided (the one-sided test's interval would end at 1).
+            ci = binomtest(k, n, chance).proportion_ci(options.confidence, method="wilson")
+            rows.append(
+                score_row(
+                    **where,
+                    vision_layer=a,
+                    language_layer=b,
+                    metric="accuracy",
+                    condition=direction,
+                    value=k / n,
+                    ci_low=ci.low,
+                    ci_high=ci.high,
+                    null_mean=chance,
+                    p_value=test.pvalue,
+                    n=n,
+                )
+            )
+    return rows
+
+
+def _fold_hits(
+    kind,
+    held,
+    q_rows,
+    choice_index,
+    q_layers,
+    c_layers,
+    src_train,
+    dst_train,
+    train,
+    layer_pairs,
+    query_is_vision,
+) -> np.ndarray:
+    """Correct choices of one fold's held-out trials at every requested layer pair."""
+    v_layers, t_layers = (q_layers, c_layers) if query_is_vision else (c_layers, q_layers)
+    out = np.zeros((len(v_layers), len(t_layers)), dtype=np.int64)
+    by_source: dict[int, list[int]] = {}
+    for a, b in layer_pairs:
+        src, dst = (a, b) if query_is_vision else (b, a)
+        by_source.setdefault(src, []).append(dst)
+    preferred = np.array([p for _, _, p in held])
+    for src, dsts in by_source.items():
+        fitted = metrics.MAPS[kind]().fit(
+            src_train[src][train], [dst_train[d][train] for d in dsts]
+        )
+        mapped = fitted.queries(q_layers[src][q_rows])
+        for j, dst in enumerate(dsts):
+            for width in sorted({len(c) for _, c, _ in held}):
+                sel = [t for t, (_, c, _) in enumerate(held) if len(c) == width]
+                ids = np.array([[choice_index[x] for x in held[t][1]] for t in sel])
+                cands = fitted.candidates(j, c_layers[dst][ids.ravel()]).reshape(
+                    len(sel), width, -1
+                )
+                q = torch.nn.functional.normalize(mapped[j][sel], dim=1)
+                sims = (torch.nn.functional.normalize(cands, dim=2) * q[:, None, :]).sum(dim=2)
+                hits = int((sims.argmax(dim=1).cpu().numpy() == preferred[sel]).sum())
+                a, b = (src, dst) if query_is_vision else (dst, src)
+                out[a, b] += hits
+    return out

@@ -1,0 +1,126 @@
+"""Perturbations: does alignment survive appearance-only changes and fall under semantic ones?
+
+He, Trott & Khosla (2025): perturbed images are scored against their original captions, and
+original images against perturbed captions, next to the unperturbed score on the same items.
+Rows (condition ``none`` or ``FAMILY/NAME``): every layer pair's score. The drop
+(unperturbed minus perturbed, metric ``M_drop``) is taken at the layer pair where the
+unperturbed score peaks, for each perturbation and pooled per family (condition ``FAMILY``),
+with a paired bootstrap interval: both scores are recomputed on the same item resamples, so
+the interval is that of the difference, not of two independent scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlray import metrics
+from vlray.embeddings import LayerStack
+from vlray.items import NO_PERTURBATION, PERTURBATION_FAMILIES
+from vlray.results import score_row
+
+from .inputs import StudyInputs, StudySkipped, layer_labels, subset
+
+
+def _common(pairs: dict[str, tuple[LayerStack, LayerStack]]) -> dict:
+    """Every pairing restricted to the images all of them have, in one order."""
+    shared = set.intersection(*(set(v.item_ids) for v, _ in pairs.values()))
+    out = {}
+    for name, (v, t) in pairs.items():
+        keep = np.array([i for i, item in enumerate(v.item_ids) if item in shared], dtype=np.int64)
+        keep = keep[np.argsort(v.item_ids[keep], kind="stable")]
+        out[name] = (subset(v, keep), subset(t, keep))
+    return out
+
+
+def run(inputs: StudyInputs, run_id: str) -> list[dict]:
+    options = inputs.options
+    own = options.perturbation
+    image_side = [p for p in inputs.perturbations("vision") if p.startswith("image_")]
+    text_side = [p for p in inputs.perturbations("language") if p.startswith("text_")]
+    if not image_side and not text_side:
+        raise StudySkipped(
+            f"dataset '{inputs.dataset}' has no perturbed partitions for "
+            f"'{inputs.vision.name}' or '{inputs.language.name}'"
+        )
+    pairs = {NO_PERTURBATION: inputs.pairs()}
+    pairs |= {p: inputs.pairs(image_perturbation=p) for p in image_side}
+    pairs |= {p: inputs.pairs(text_perturbation=p) for p in text_side}
+    pairs = _common(pairs)
+    v0, t0 = pairs[NO_PERTURBATION]
+    n = len(v0.item_ids)
+    if n < 3:
+        raise StudySkipped(f"only {n} item(s) have every perturbation")
+    where = inputs.where("perturbation", run_id)
+    n_boot = options.bootstrap if own.bootstrap is None else own.bootstrap
+    alpha = (1.0 - options.confidence) / 2
+    rows = []
+    for metric in own.metrics or options.metrics:
+        kw = options.metric_kw(metric)
+        values = {
+            name: metrics.grid(
+                v.layers, t.layers, metric, labels_x=layer_labels(v), labels_y=layer_labels(t), **kw
+            )
+            for name, (v, t) in pairs.items()
+        }
+        for name, grid in values.items():
+            rows += [
+                score_row(
+                    **where,
+                    vision_layer=i,
+                    language_layer=j,
+                    metric=metric,
+                    condition=name,
+                    value=grid[i, j],
+                    n=n,
+                )
+                for i in range(grid.shape[0])
+                for j in range(grid.shape[1])
+            ]
+        # The drop where the unperturbed alignment peaks: a paired bootstrap per perturbation.
+        i, j = np.unravel_index(np.argmax(values[NO_PERTURBATION]), values[NO_PERTURBATION].shape)
+        drops: dict[str, np.ndarray] = {}
+        for name, (v, t) in pairs.items():
+            if name == NO_PERTURBATION:
+                continue
+            image_changed = name in image_side
+            xs = [v0.layers[i], v.layers[i]] if image_changed else [v0.layers[i]]
+            ys = [t0.layers[j]] if image_changed else [t0.layers[j], t.layers[j]]
+            if n_boot:
+                reps = metrics.bootstrap_replicates(
+                    xs, ys, metric, n_bootstrap=n_boot, seed=options.seed, **kw
+                ).reshape(n_boot, 2)
+                drops[name] = reps[:, 0] - reps[:, 1]
+            else:
+                drops[name] = np.empty(0)
+            value = values[NO_PERTURBATION][i, j] - values[name][i, j]
+            rows.append(_drop_row(inputs, where, metric, name, value, drops[name], alpha, n, i, j))
+        for family in PERTURBATION_FAMILIES:
+            members = [p for p in drops if p.split("/", 1)[0] == family]
+            if not members:
+                continue
+            value = np.mean([values[NO_PERTURBATION][i, j] - values[p][i, j] for p in members])
+            reps = np.mean([drops[p] for p in members], axis=0) if n_boot else np.empty(0)
+            rows.append(_drop_row(inputs, where, metric, family, value, reps, alpha, n, i, j))
+    return rows
+
+
+def _drop_row(inputs, where, metric, condition, value, reps, alpha, n, i, j) -> dict:
+    stats = {}
+    if len(reps):
+        low, high = np.quantile(reps, [alpha, 1.0 - alpha])
+        # One-sided: how often a resample shows no drop at all.
+        stats = {
+            "ci_low": low,
+            "ci_high": high,
+            "p_value": (1.0 + np.sum(reps <= 0)) / (1.0 + len(reps)),
+        }
+    return score_row(
+        **where,
+        vision_layer=int(i),
+        language_layer=int(j),
+        metric=f"{metric}_drop",
+        condition=condition,
+        value=value,
+        n=n,
+        **stats,
+    )
