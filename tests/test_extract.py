@@ -111,6 +111,7 @@ def test_context_sentences_get_word_span_pooling(small_lake):
     )
     assert {(r["role"], r["pooling"]) for r in rows} == {
         ("caption", "mean"),
+        ("foil", "mean"),  # a scene's near-miss caption, for forced-choice trials
         ("context", "word_span"),
     }
 
@@ -252,3 +253,58 @@ def test_gpu_decoding_path_embeds_like_the_cpu_path():
     for key, row in outs[False].items():
         if row["embedding"] is not None:
             np.testing.assert_allclose(outs[True][key]["embedding"], row["embedding"], atol=0.05)
+
+
+def test_sink_writes_layer_runs_and_counts_items_split_across_tasks_once(tmp_path):
+    """Blocks are grouped by (perturbation, layer) without a sort; Ray Data may split a block
+    anywhere (here between an item's CLS and mean rows of layer 0), and each item still
+    counts once."""
+    from types import SimpleNamespace
+
+    from vlray.extract import OUTPUT_SCHEMA, EmbeddingSink, _embedding_rows
+    from vlray.models import Pooled
+
+    lake = Lake(str(tmp_path / "lake"))
+    ids = np.array(["a", "b", "c"], dtype=object)
+    perts = np.array(["none", "blur", "none"], dtype=object)
+    pooled = [
+        Pooled(layer, p, np.arange(3), np.full((3, 4), 10 * layer + i, np.float32))
+        for layer in range(2)
+        for i, p in enumerate(("cls", "mean"))
+    ]
+    block = _embedding_rows(pooled, ids, perts)
+    error = pa.Table.from_pydict(
+        {
+            "item_id": ["d"],
+            "perturbation": ["none"],
+            "layer": [None],
+            "pooling": [None],
+            "embedding": [None],
+            "stage": ["decode"],
+            "reason": ["truncated JPEG"],
+            "source": ["d.jpg"],
+        },
+        schema=OUTPUT_SCHEMA,
+    )
+    staging = lake.staging_dir("t")
+    sink = EmbeddingSink(lake, staging, "image", count_poolings=("cls", "word_span"))
+    results = [
+        sink.write([block.slice(0, 4)], SimpleNamespace(task_idx=0)),
+        sink.write([block.slice(4), error], SimpleNamespace(task_idx=1)),
+    ]
+    items = {p: sum(r["items"].get(p, 0) for r in results) for p in ("none", "blur")}
+    assert items == {"none": 2, "blur": 1}
+    assert sum(r["errors"] for r in results) == 1
+    assert sum(n for r in results for n in r["rows"].values()) == 12
+    seen = {}
+    for f in lake.list_files(staging):
+        if "_quarantine" in f:
+            continue
+        t = pq.read_table(f, filesystem=lake.fs)
+        assert pa.types.is_fixed_size_list(t.schema.field("embedding").type)
+        (layer,) = set(t["layer"].to_pylist())
+        pert = f.split("perturbation=")[1].split("/")[0]
+        for r in t.to_pylist():
+            seen[(pert, r["item_id"], layer, r["pooling"])] = r["embedding"]
+    assert len(seen) == 12
+    assert seen[("blur", "b", 1, "mean")] == [11.0] * 4

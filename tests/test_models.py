@@ -13,6 +13,7 @@ from vlray.catalog import get_spec
 from vlray.models import (
     create_model,
     layer_names,
+    least_padding_cuts,
     load_state_dict_file,
     packaged_path,
 )
@@ -169,3 +170,29 @@ def test_cnn_layers_refuse_token_poolings():
     encoder = create_model(spec, device="cpu")
     with pytest.raises(ValueError, match="pooling 'cls' needs tokens"):
         encoder.embed(np.zeros((1, 224, 224, 3), dtype=np.uint8))
+
+
+def test_length_buckets_cut_where_padding_is_least():
+    """Cuts between distinct lengths that minimise rows x longest length, checked against
+    every split of a small case; the token budget sets how many buckets."""
+    import itertools
+
+    lengths = np.sort(np.random.default_rng(0).integers(5, 30, 60))
+
+    def padded(cuts):
+        return sum(len(p) * p.max() for p in np.split(lengths, cuts) if len(p))
+
+    for k in (1, 2, 3):
+        best = min(
+            padded(list(c))
+            for c in itertools.combinations(range(1, len(lengths)), k - 1)
+            if all(lengths[i - 1] != lengths[i] for i in c)
+        )
+        assert padded(least_padding_cuts(lengths, k)) == best
+
+    gpt = create_model("tiny_gpt2_random", device="cpu")
+    gpt.bucket_rows, gpt.bucket_tokens = 1000, 100
+    buckets = gpt.buckets(lengths)
+    assert len(buckets) == -(-int(lengths.sum()) // 100)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(len(lengths)))
+    assert all(lengths[a].max() <= lengths[b].min() for a, b in itertools.pairwise(buckets))

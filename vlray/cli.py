@@ -296,7 +296,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vlray.align import run_align
     from vlray.report import findings, load, write_report
 
-    print(f"\nThe five studies (vlray align --config {os.path.relpath(args.config)} --lake {lake}):")
+    config_path = os.path.relpath(args.config)
+    print(f"\nThe five studies (vlray align --config {config_path} --lake {lake}):")
     started = time.time()
     datasets = [d.name for d in config.datasets]
     _print_align(run_align(str(lake), datasets, config.specs(), config.align.options()), started)

@@ -48,7 +48,11 @@ class ExtractConfig(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1)
     decode: Literal["auto", "cpu", "device"] = "auto"
     concurrent_batches: int | None = Field(default=None, ge=1)
-    bucket_rows: int = Field(default=256, ge=1)
+    bucket_rows: int | None = Field(default=None, ge=1)
+    bucket_tokens: int | None = Field(default=None, ge=1)
+    text_batch_size: int | None = Field(default=None, ge=1)
+    items_per_write: int = Field(default=1024, ge=1)
+    cpu_decode_share: float = Field(default=0.0, ge=0, le=1)
 
     def options(self) -> ExtractOptions:
         return ExtractOptions(**self.model_dump())

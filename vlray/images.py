@@ -8,6 +8,7 @@ carry on. Nothing here changes process-wide Pillow settings.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import posixpath
@@ -316,17 +317,25 @@ def decode_on_device(
     """Decode JPEGs with nvJPEG (libjpeg on a CPU device), then resize and crop as
     ``to_model_input`` does: shorter side to ``resize``, centre crop ``size``.
 
-    Returns a ``(B, size, size, 3)`` uint8 tensor on ``device`` (rows that failed are zeros)
-    and ``{row: reason}`` for the failures. Resizing runs on the GPU in groups of equal input
-    size, with antialiasing as Pillow does; pixels agree with the CPU path within a few
-    intensity levels (the two decoders' IDCTs round differently).
+    Returns a ``(B, size, size, 3)`` uint8 tensor on ``device`` (rows that failed are zeros;
+    its memory is channels-first, ``(B, 3, size, size)`` permuted, which is what a model
+    wants) and ``{row: reason}`` for the failures. Resizing is Pillow's own arithmetic
+    (``resample_matrix``) done as two matrix products per group of equal input size, so the
+    pixels equal the CPU path's up to the two decoders' IDCT rounding (none with libjpeg;
+    nvJPEG's differs by under one level on average). Call it inside the CUDA stream that will
+    use the result: the decoder's stream is joined to the current one, and nothing here waits
+    for the device.
     """
+    decoded, failed = decode_jpegs(data, device)
+    return resize_decoded(decoded, size, resize, interpolation, device), failed
+
+
+def decode_jpegs(data: list[bytes], device: str) -> tuple[list, dict[int, str]]:
+    """nvJPEG (libjpeg on a CPU device) over a whole batch in one call: ``(B, 3, h, w)`` uint8
+    tensors (None where a file failed) and ``{row: reason}`` for the failures."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
 
-    out = torch.zeros((len(data), size, size, 3), dtype=torch.uint8, device=device)
     failed: dict[int, str] = {}
     with warnings.catch_warnings():
         # Wrapping the bytes without a copy: torch warns that they are read-only, and
@@ -343,16 +352,115 @@ def decode_on_device(
             except RuntimeError as err:
                 failed[i] = f"corrupt JPEG: {_one_line(err)}"
                 decoded.append(None)
+    return decoded, failed
+
+
+def resize_decoded(decoded: list, size: int, resize: int, interpolation: str, device: str):
+    """``decode_jpegs``'s images resized and cropped as ``to_model_input`` does, in groups of
+    equal size: ``(B, size, size, 3)`` uint8 (channels-first memory), zeros where None."""
+    import torch
+
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(decoded):
         if img is not None:
             groups.setdefault(tuple(img.shape[1:]), []).append(i)
-    mode = InterpolationMode(interpolation)
-    for (height, width), rows in groups.items():
-        batch = torch.stack([decoded[i] for i in rows])
-        new_w, new_h = _resized_size(width, height, resize)
-        if (new_h, new_w) != (height, width):
-            batch = F.resize(batch, [new_h, new_w], interpolation=mode, antialias=True)
-        batch = F.center_crop(batch, [size, size])
-        out[torch.as_tensor(rows, device=device)] = batch.permute(0, 2, 3, 1)
-    return out, failed
+    pieces, order = [], []
+    for rows in groups.values():
+        batch = (
+            decoded[rows[0]][None] if len(rows) == 1 else torch.stack([decoded[i] for i in rows])
+        )
+        pieces.append(_resize_crop(batch, size, resize, interpolation))
+        order += rows
+    if order and order == list(range(len(decoded))):
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    else:  # failed rows, or several sizes: one scatter into place
+        out = torch.zeros((len(decoded), 3, size, size), dtype=torch.uint8, device=device)
+        if order:
+            index = _index_on(order, out.device)
+            out.index_copy_(0, index, pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+    return out.permute(0, 2, 3, 1)
+
+
+def _index_on(rows: list[int], device) -> object:
+    """Row indices on ``device`` without blocking the thread (page-locked copy on a GPU)."""
+    import torch
+
+    index = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index
+
+
+def _resize_crop(batch, size: int, resize: int, interpolation: str):
+    """``(g, 3, h, w)`` uint8 images of one size -> ``(g, 3, size, size)`` uint8, as
+    ``to_model_input``: Pillow's horizontal pass (rounded to 8 bits), then its vertical pass,
+    each as one matrix product over the rows/columns the centre crop keeps."""
+    import torch
+
+    height, width = batch.shape[-2:]
+    new_w, new_h = _resized_size(width, height, resize)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    if (new_w, new_h) == (width, height):  # Pillow does not resample: a plain crop
+        return batch[..., top : top + size, left : left + size].contiguous()
+    wx, c0, c1 = _crop_weights(width, new_w, left, size, interpolation, str(batch.device))
+    wy, r0, r1 = _crop_weights(height, new_h, top, size, interpolation, str(batch.device))
+    x = batch[..., r0:r1, c0:c1].float()
+    x = torch.matmul(x, wx.T).add_(0.5).floor_().clamp_(0.0, 255.0)  # (g, 3, rows, size)
+    x = torch.matmul(wy, x).add_(0.5).floor_().clamp_(0.0, 255.0)  # (g, 3, size, size)
+    return x.to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=128)
+def _crop_weights(in_size: int, out_size: int, start: int, size: int, interpolation: str, device):
+    """Rows ``start:start+size`` of ``resample_matrix`` on ``device``, trimmed to the input
+    range ``[lo, hi)`` they touch: ``(weights, lo, hi)``."""
+    import torch
+
+    w = resample_matrix(in_size, out_size, interpolation)[start : start + size]
+    touched = np.flatnonzero(w.any(axis=0))
+    lo, hi = int(touched[0]), int(touched[-1]) + 1
+    return torch.from_numpy(np.ascontiguousarray(w[:, lo:hi], dtype=np.float32)).to(device), lo, hi
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    return np.where(
+        x < 1.0,
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+        np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0),
+    )
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(1.0 - np.abs(x), 0.0)
+
+
+_FILTERS = {"bilinear": (_triangle, 1.0), "bicubic": (_bicubic, 2.0)}
+
+
+def resample_matrix(in_size: int, out_size: int, interpolation: str) -> np.ndarray:
+    """Pillow's 8-bit resampling weights as a dense ``(out_size, in_size)`` matrix.
+
+    The same arithmetic as Pillow's ``Resample.c``: a filter widened by the downscaling factor
+    (antialiasing), each output's taps normalised to sum to one, then rounded to the fixed
+    point (22 fractional bits) its 8-bit path multiplies with. ``W @ pixels``, rounded half up
+    and clipped to 0..255, is Pillow's one-dimensional pass.
+    """
+    filt, support = _FILTERS[interpolation]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    out = np.zeros((out_size, in_size))
+    one = float(1 << 22)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        w = filt((np.arange(lo, hi) - center + 0.5) / filterscale)
+        total = w.sum()
+        if total != 0.0:
+            w = w / total
+        out[xx, lo:hi] = np.trunc(w * one + np.where(w < 0, -0.5, 0.5)) / one
+    return out

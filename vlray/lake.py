@@ -436,8 +436,12 @@ class Lake:
         self.replace_dir(staged, final)
         row = {f.name: [record.get(f.name)] for f in MANIFEST_SCHEMA}
         name = f"{record['run_id']}-{uuid.uuid4().hex[:8]}.parquet"
-        self.write_table(
-            pa.Table.from_pydict(row, schema=MANIFEST_SCHEMA), self.path("_manifest", name)
+        # Staged and moved like the partition: a run killed mid-write must not leave a
+        # truncated manifest file that every later reader trips over.
+        self.replace_file(
+            pa.Table.from_pydict(row, schema=MANIFEST_SCHEMA),
+            self.path("_manifest", name),
+            record["run_id"],
         )
 
 

@@ -65,6 +65,8 @@ def pool_tokens(
     ``num_prefix_tokens`` (CLS and register tokens of a ViT) are left out of ``mean``.
     """
     if mask is None:
+        if pooling == "mean":  # every token counts: a plain mean, one pass over the layer
+            return x[:, num_prefix_tokens:].mean(dim=1)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if pooling == "cls":
         return cls(x)

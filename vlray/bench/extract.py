@@ -78,6 +78,7 @@ class GpuSampler:
         self.interval = interval
         self.util: list[int] = []
         self.mem: list[int] = []
+        self.times: list[float] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         try:
@@ -104,12 +105,21 @@ class GpuSampler:
         while not self._stop.wait(self.interval):
             self.util.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
             self.mem.append(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self.times.append(time.time())
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, start: float | None = None, end: float | None = None) -> dict[str, Any]:
+        """Mean utilisation over the samples taken in ``[start, end]`` (all by default: a
+        start-up that loads a model would otherwise count as idle GPU time); peak memory
+        over the whole run."""
         if not self.util:
             return {}
+        t = np.asarray(self.times)
+        inside = (t >= (start if start is not None else -np.inf)) & (
+            t <= (end if end is not None else np.inf)
+        )
+        util = np.asarray(self.util)[inside] if inside.any() else np.asarray(self.util)
         return {
-            "gpu_util_pct": float(np.mean(self.util)),
+            "gpu_util_pct": float(util.mean()),
             "gpu_mem_peak_gib": max(self.mem) / 2**30,
         }
 
@@ -277,7 +287,7 @@ def pipeline(spec: ModelSpec, items, options, workdir: str) -> dict:
     from dataclasses import replace
 
     from vlray.cluster import ensure_ray
-    from vlray.extract import extract_model
+    from vlray.extract import embed_batch_size, extract_model
     from vlray.items import quarantine_table
     from vlray.lake import Lake, new_run_id
 
@@ -299,6 +309,8 @@ def pipeline(spec: ModelSpec, items, options, workdir: str) -> dict:
         raise RuntimeError(f"pipeline embedded {result.items} of {n} items")
     batches = [json.loads(line) for f in trace.iterdir() for line in f.read_text().splitlines()]
     t_first = min(b["start"] for b in batches)
+    modality = "image" if spec.modality == "vision" else "text"
+    gpus = options.gpus_per_actor if options.gpus_per_actor is not None else 0.0
     return {
         "case": "pipeline",
         "items_per_s": n / (t_end - t_first),
@@ -306,15 +318,20 @@ def pipeline(spec: ModelSpec, items, options, workdir: str) -> dict:
         # means the actor is the bottleneck, much less that the stages around it are.
         "actor_busy_pct": 100 * _covered(batches) / (t_end - t_first),
         # Where a batch's time goes inside the actor, summed over batches (seconds).
+        # decode: nvJPEG itself; input: the rest of staging the batch (resize, uploads).
         "actor_s": "/".join(
             f"{phase}={sum(b.get(phase, 0.0) for b in batches):.1f}"
-            for phase in ("input", "model", "arrow")
+            for phase in ("decode", "input", "model", "arrow")
+            if phase != "decode" or any(phase in b for b in batches)
         ),
+        # From the actor's last batch to the last commit: the writes and commits left over.
+        "tail_s": t_end - max(b["end"] for b in batches),
         "whole_run_items_per_s": n / (t_end - t0),
         "startup_s": t_first - t0,
-        "batch": options.batch_size,
+        "batch": embed_batch_size(options, modality, gpus),
         "precision": options.precision,
-        **sampler.summary(),
+        # NVML's busy fraction over the steady window only (the start-up is not GPU work).
+        **sampler.summary(t_first, t_end),
     }
 
 
@@ -378,6 +395,7 @@ def bench_extract(
         "startup_s",
         "actor_busy_pct",
         "actor_s",
+        "tail_s",
         "batch",
         "precision",
         "vs_model",

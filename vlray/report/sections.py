@@ -4,8 +4,11 @@ CSV beside the PNG) and a one-line reading computed from those numbers."""
 from __future__ import annotations
 
 import csv
+import multiprocessing
+import os
 import re
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -582,6 +585,21 @@ SECTIONS = (
 )
 
 
-def build_sections(data: ReportData, out: Path) -> list[Section]:
-    """Every study's section, its PNG and CSV files written into ``out``."""
-    return [make(data, out) for make in SECTIONS]
+def _build(job: tuple[int, ReportData, Path]) -> Section:
+    index, data, out = job
+    return SECTIONS[index](data, out)
+
+
+def build_sections(data: ReportData, out: Path, workers: int | None = None) -> list[Section]:
+    """Every study's section, its PNG and CSV files written into ``out``.
+
+    Drawing is CPU-bound matplotlib work, so the sections are drawn in ``workers`` processes
+    (default: one per core, at most one per section); ``workers=1`` draws them in this one.
+    """
+    jobs = [(i, data, out) for i in range(len(SECTIONS))]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [_build(job) for job in jobs]
+    # "spawn": a fresh interpreter per worker, safe beside the threads Ray or DuckDB started.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_build, jobs))

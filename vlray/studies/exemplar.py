@@ -122,10 +122,11 @@ def _point(
         xs, ys = [wi @ m for m in v_layers], [wt @ m for m in t_layers]
         first = first or (xs, ys)
         draws.append(metrics.grid(xs, ys, metric, labels_x=labels[0], labels_y=labels[1], **kw))
+    own = options.exemplar
     null = metrics.grid_stats(
         *first,
         metric,
-        n_permutations=options.permutations,
+        n_permutations=options.permutations if own.permutations is None else own.permutations,
         seed=options.seed,
         labels_x=labels[0],
         labels_y=labels[1],

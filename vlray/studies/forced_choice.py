@@ -14,12 +14,15 @@ has seen its answer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow.compute as pc
 import torch
 from scipy.stats import binomtest
 
 from vlray import metrics
+from vlray.embeddings import LayerStack
 from vlray.results import score_row
 
 from .inputs import StudyInputs, StudySkipped
@@ -77,32 +80,27 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
     rows, where = [], inputs.where("forced_choice", run_id)
     for direction, kept in trials.items():
         query_side, choice_side = DIRECTIONS[direction]
+        side = _Direction(
+            query=stacks[query_side],
+            query_row=index[query_side],
+            choices=stacks[choice_side],
+            choice_row=index[choice_side],
+            train_query=(v_train if query_side == "vision" else t_train).layers,
+            train_choice=(t_train if query_side == "vision" else v_train).layers,
+            query_is_vision=query_side == "vision",
+        )
         fold_of = rng.permutation(len(kept)) % own.folds
         correct = np.zeros((depth["vision"], depth["language"]), dtype=np.int64)
         for f in range(own.folds):
             held = [kept[t] for t in np.flatnonzero(fold_of == f)]
             if not held:
                 continue
+            # Never fit the map on an item (or its pair) that a held-out trial uses.
             used = {pair_of.get(x, x) for q, c, _ in held for x in (q, *c)}
             train = ~np.isin(train_pairs, list(used))
             if train.sum() < 3:
                 raise StudySkipped(f"fewer than 3 training pairs left outside fold {f}")
-            src_train = (t_train if query_side == "language" else v_train).layers
-            dst_train = (v_train if query_side == "language" else t_train).layers
-            q_rows = [index[query_side][q] for q, _, _ in held]
-            correct += _fold_hits(
-                own.map,
-                held,
-                q_rows,
-                index[choice_side],
-                stacks[query_side].layers,
-                stacks[choice_side].layers,
-                src_train,
-                dst_train,
-                train,
-                layer_pairs,
-                query_side == "vision",
-            )
+            correct += _fold_hits(own.map, held, side, train, layer_pairs)
         n = len(kept)
         chance = float(np.mean([1.0 / len(c) for _, c, _ in kept]))
         for a, b in layer_pairs:
@@ -128,42 +126,44 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
     return rows
 
 
+@dataclass(frozen=True)
+class _Direction:
+    """One direction's embeddings: queries, their candidates, and the map's training pairs."""
+
+    query: LayerStack
+    query_row: dict[str, int]
+    choices: LayerStack
+    choice_row: dict[str, int]
+    train_query: list[np.ndarray]
+    train_choice: list[np.ndarray]
+    query_is_vision: bool
+
+
 def _fold_hits(
-    kind,
-    held,
-    q_rows,
-    choice_index,
-    q_layers,
-    c_layers,
-    src_train,
-    dst_train,
-    train,
-    layer_pairs,
-    query_is_vision,
+    kind: str, held: list, side: _Direction, train: np.ndarray, layer_pairs: list
 ) -> np.ndarray:
     """Correct choices of one fold's held-out trials at every requested layer pair."""
-    v_layers, t_layers = (q_layers, c_layers) if query_is_vision else (c_layers, q_layers)
-    out = np.zeros((len(v_layers), len(t_layers)), dtype=np.int64)
-    by_source: dict[int, list[int]] = {}
+    n_query, n_choice = len(side.query.layers), len(side.choices.layers)
+    out = np.zeros((n_query, n_choice) if side.query_is_vision else (n_choice, n_query), np.int64)
+    by_source: dict[int, list[int]] = {}  # one map fit per source layer serves its targets
     for a, b in layer_pairs:
-        src, dst = (a, b) if query_is_vision else (b, a)
+        src, dst = (a, b) if side.query_is_vision else (b, a)
         by_source.setdefault(src, []).append(dst)
+    query_rows = [side.query_row[q] for q, _, _ in held]
     preferred = np.array([p for _, _, p in held])
     for src, dsts in by_source.items():
         fitted = metrics.MAPS[kind]().fit(
-            src_train[src][train], [dst_train[d][train] for d in dsts]
+            side.train_query[src][train], [side.train_choice[d][train] for d in dsts]
         )
-        mapped = fitted.queries(q_layers[src][q_rows])
+        mapped = fitted.queries(side.query.layers[src][query_rows])
         for j, dst in enumerate(dsts):
-            for width in sorted({len(c) for _, c, _ in held}):
+            for width in sorted({len(c) for _, c, _ in held}):  # trials with as many choices
                 sel = [t for t, (_, c, _) in enumerate(held) if len(c) == width]
-                ids = np.array([[choice_index[x] for x in held[t][1]] for t in sel])
-                cands = fitted.candidates(j, c_layers[dst][ids.ravel()]).reshape(
-                    len(sel), width, -1
-                )
+                ids = np.array([[side.choice_row[x] for x in held[t][1]] for t in sel])
+                cands = fitted.candidates(j, side.choices.layers[dst][ids.ravel()])
+                cands = torch.nn.functional.normalize(cands.reshape(len(sel), width, -1), dim=2)
                 q = torch.nn.functional.normalize(mapped[j][sel], dim=1)
-                sims = (torch.nn.functional.normalize(cands, dim=2) * q[:, None, :]).sum(dim=2)
-                hits = int((sims.argmax(dim=1).cpu().numpy() == preferred[sel]).sum())
-                a, b = (src, dst) if query_is_vision else (dst, src)
-                out[a, b] += hits
+                picks = (cands * q[:, None, :]).sum(dim=2).argmax(dim=1).cpu().numpy()
+                a, b = (src, dst) if side.query_is_vision else (dst, src)
+                out[a, b] += int((picks == preferred[sel]).sum())
     return out

@@ -40,6 +40,7 @@ class ExemplarOptions(_Options):
     # A concept's text exemplars: captions of its images, or sentences using its word.
     text: Literal["caption", "context"] = "caption"
     draws: int = Field(default=20, ge=1)  # random draws of the k exemplars per point
+    permutations: int | None = Field(default=None, ge=0)  # default: align.permutations
     max_k: int | None = Field(default=None, ge=1)  # default: as many as every concept has
 
 
