@@ -196,3 +196,27 @@ def test_length_buckets_cut_where_padding_is_least():
     assert len(buckets) == -(-int(lengths.sum()) // 100)
     assert sorted(np.concatenate(buckets).tolist()) == list(range(len(lengths)))
     assert all(lengths[a].max() <= lengths[b].min() for a, b in itertools.pairwise(buckets))
+
+
+def test_hugging_face_vision_model_taps_every_block():
+    """SegFormer (a Hugging Face vision model) loads through the same encoder: every block of
+    every stage is tapped, and each layer's mean equals the block's own output averaged."""
+    spec = get_spec("tiny_segformer_random")
+    seg = create_model(spec, device="cpu")
+    assert seg.layer_names == ["stages.0.blocks.0", "stages.1.blocks.0", "stages.1.blocks.1"]
+    assert layer_names(spec) == seg.layer_names  # from the structure alone, no weights
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    out = seg.embed(pixels)
+    assert [p.vectors.shape for p in out] == [(2, 16), (2, 32), (2, 32)]
+    blocks = dict(seg.model.named_modules())
+    seen = {}
+    hook = blocks["stages.1.blocks.1"].register_forward_hook(
+        lambda _m, _i, o: seen.setdefault("out", o)
+    )
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    with torch.inference_mode():
+        seg.model((x - seg._mean) / seg._std)
+    hook.remove()
+    np.testing.assert_allclose(out[2].vectors, seen["out"].mean(dim=1).numpy(), atol=1e-5)
+    twin = create_model(spec, device="cpu")  # seeded: a control is the same net every run
+    np.testing.assert_array_equal(twin.embed(pixels)[2].vectors, out[2].vectors)

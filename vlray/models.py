@@ -145,7 +145,19 @@ class ImageInput:
 
 
 def image_input(spec: ModelSpec) -> ImageInput:
-    """The input transform of a vision model, read from timm's config without building it."""
+    """The input transform of a vision model, read from timm's config without building it.
+
+    Hugging Face vision models (SegFormer, ...) get ImageNet normalisation at 224 pixels, what
+    their image processors use apart from size; hierarchical encoders take any size.
+    """
+    if spec.source == "hf":
+        return ImageInput(
+            size=224,
+            resize=256,
+            interpolation="bilinear",
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+        )
     import timm
 
     cfg = timm.get_pretrained_cfg(spec.arch or spec.id.split(".")[0])
@@ -187,29 +199,31 @@ def default_vision_taps(model: torch.nn.Module) -> list[str]:
     return taps
 
 
+def hf_vision_taps(model: torch.nn.Module) -> list[str]:
+    """Every transformer block of a Hugging Face vision encoder: ``stages.S.blocks.B``
+    (SegFormer / Mix Transformer) or ``encoder.layer.N`` (ViT, DINOv2, BEiT, ...)."""
+    names = dict(model.named_modules())
+    stages = [n for n in names if n.startswith("stages.") and n.count(".") == 3]
+    taps = [n for n in stages if n.split(".")[2] == "blocks"]
+    if not taps:
+        taps = [n for n in names if n.startswith("encoder.layer.") and n.count(".") == 2]
+    if not taps:
+        raise ValueError(
+            "cannot find this model's layers; list them in the catalog (layers: [...])"
+        )
+    return taps
+
+
 class VisionEncoder:
-    """A timm model with forward hooks on each tapped layer."""
+    """A timm (or Hugging Face) vision model with forward hooks on each tapped layer."""
 
     modality = "vision"
 
     def __init__(self, spec: ModelSpec, device: str | None = None, precision: str = "auto"):
-        import timm
-
         self.spec = spec
         self.device = device or default_device()
         self.precision = precision
-        if spec.source == "hf":
-            raise ValueError(
-                f"model '{spec.name}': Hugging Face vision models are not supported yet; "
-                "use source: timm (timm hosts DINOv2, MAE, ViT, ResNet, ConvNeXt weights)"
-            )
-        arch = spec.arch or spec.id
-        pretrained_from_hub = spec.source == "timm" and spec.init == "pretrained"
-        torch.manual_seed(spec.seed)
-        model = timm.create_model(arch, pretrained=pretrained_from_hub, **spec.kwargs)
-        if spec.source == "packaged" and spec.init == "pretrained":
-            path = packaged_path(spec.id)
-            load_positional(model, load_state_dict_file(path), f"model '{spec.name}' ({path})")
+        model = _hf_model(spec) if spec.source == "hf" else _timm_model(spec)
         self.model = model.eval().to(self.device)
         # Channels-last suits CNNs on a GPU and on a CPU alike (oneDNN's convolutions are NHWC:
         # EfficientNet-Lite0 runs 1.6x faster on 2 cores, the same numbers to ~1e-5); a ViT's
@@ -279,6 +293,18 @@ class VisionEncoder:
                 for p in self.spec.pooling
             ]
             return to_host(pooled)
+
+
+def _timm_model(spec: ModelSpec) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(spec.seed)
+    pretrained_from_hub = spec.source == "timm" and spec.init == "pretrained"
+    model = timm.create_model(spec.arch or spec.id, pretrained=pretrained_from_hub, **spec.kwargs)
+    if spec.source == "packaged" and spec.init == "pretrained":
+        path = packaged_path(spec.id)
+        load_positional(model, load_state_dict_file(path), f"model '{spec.name}' ({path})")
+    return model
 
 
 def device_stream(device: str):
@@ -658,16 +684,23 @@ def find_word_span(text: str, word: str) -> tuple[int, int]:
 
 
 def vision_layer_names(spec: ModelSpec, model: torch.nn.Module) -> list[str]:
-    return default_vision_taps(model) if spec.layers == "all" else [str(x) for x in spec.layers]
+    if spec.layers != "all":
+        return [str(x) for x in spec.layers]
+    return hf_vision_taps(model) if spec.source == "hf" else default_vision_taps(model)
 
 
 def layer_names(spec: ModelSpec) -> list[str]:
     """A model's tapped layers, in ``layer`` column order, without loading any weights."""
     if spec.modality == "vision":
-        import timm
-
         with torch.device("meta"):  # structure only: no memory, no weights
-            model = timm.create_model(spec.arch or spec.id, pretrained=False, **spec.kwargs)
+            if spec.source == "hf":
+                from transformers import AutoModel
+
+                model = AutoModel.from_config(_hf_config(spec))
+            else:
+                import timm
+
+                model = timm.create_model(spec.arch or spec.id, pretrained=False, **spec.kwargs)
         return vision_layer_names(spec, model)
     return [_hidden_state_name(i) for i in hidden_state_indices(spec, _hf_config(spec))]
 
