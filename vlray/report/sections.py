@@ -88,6 +88,24 @@ def short_pair(data: ReportData, vision: str, language: str) -> str:
     )
 
 
+def _add_figure(
+    section: Section,
+    out: Path,
+    name: str,
+    title: str,
+    reading: str,
+    rows: list[dict],
+    columns: list[str],
+    cells: list[list[str]],
+) -> None:
+    """Append a figure whose PNG is drawn as ``name.png``: its rows go to ``name.csv`` and a
+    table of ``columns`` x ``cells`` shows them beside the reading."""
+    write_csv(out / f"{name}.csv", rows)
+    section.figures.append(
+        Figure(title, f"{name}.png", reading, f"{name}.csv", Table(columns, cells))
+    )
+
+
 def _not_run(study: str) -> Section:
     return Section(study, False, f"not run: the lake has no '{study}' results")
 
@@ -254,8 +272,13 @@ def perturbation_section(data: ReportData, out: Path) -> Section:
             f"{dataset}: {short_pair(data, vision, language)}\n{metric} drop at {where}",
             f"{metric} drop (unperturbed - perturbed)",
         )
-        write_csv(out / f"{name}.csv", rows)
-        table = Table(
+        _add_figure(
+            section,
+            out,
+            name,
+            f"{dataset}: {pair_label(data, vision, language)}, {metric}",
+            "; ".join(parts),
+            rows,
             ["condition", "family", "unperturbed", "perturbed", "drop", "CI", "p", "n"],
             [
                 [
@@ -270,15 +293,6 @@ def perturbation_section(data: ReportData, out: Path) -> Section:
                 ]
                 for r in rows
             ],
-        )
-        section.figures.append(
-            Figure(
-                f"{dataset}: {pair_label(data, vision, language)}, {metric}",
-                f"{name}.png",
-                "; ".join(parts),
-                f"{name}.csv",
-                table,
-            )
         )
     return section
 
@@ -326,8 +340,13 @@ def forced_choice_section(data: ReportData, out: Path) -> Section:
             first["chance"],
             f"{dataset}: {short_pair(data, vision, language)}\nat the deepest layer pair: {where}",
         )
-        write_csv(out / f"{name}.csv", rows)
-        table = Table(
+        _add_figure(
+            section,
+            out,
+            name,
+            f"{dataset}: {pair_label(data, vision, language)}",
+            reading,
+            rows,
             ["direction", "accuracy", "CI", "chance", "p", "trials"],
             [
                 [
@@ -340,15 +359,6 @@ def forced_choice_section(data: ReportData, out: Path) -> Section:
                 ]
                 for r in rows
             ],
-        )
-        section.figures.append(
-            Figure(
-                f"{dataset}: {pair_label(data, vision, language)}",
-                f"{name}.png",
-                reading,
-                f"{name}.csv",
-                table,
-            )
         )
     return section
 
@@ -399,8 +409,13 @@ def exemplar_section(data: ReportData, out: Path) -> Section:
             f"pair: {where}",
             metric,
         )
-        write_csv(out / f"{name}.csv", rows)
-        table = Table(
+        _add_figure(
+            section,
+            out,
+            name,
+            f"{dataset}: {pair_label(data, vision, language)}, {metric}",
+            reading,
+            rows,
             ["side", "k", metric, "CI", "null mean", "n"],
             [
                 [
@@ -413,15 +428,6 @@ def exemplar_section(data: ReportData, out: Path) -> Section:
                 ]
                 for r in rows
             ],
-        )
-        section.figures.append(
-            Figure(
-                f"{dataset}: {pair_label(data, vision, language)}, {metric}",
-                f"{name}.png",
-                reading,
-                f"{name}.csv",
-                table,
-            )
         )
     return section
 
