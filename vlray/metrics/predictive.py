@@ -205,10 +205,10 @@ def csls(sims: torch.Tensor, k: int) -> torch.Tensor:
     """Cross-domain similarity local scaling (Conneau et al., ICLR 2018).
 
     ``2 cos(q, c) - r_c(q) - r_q(c)`` with ``r`` the mean similarity to the k nearest of the
-    other side: penalises hubs that are near everything.
+    other side (all of it, when it has fewer than k): penalises hubs that are near everything.
     """
-    r_query = sims.topk(k, dim=1).values.mean(dim=1)
-    r_cand = sims.topk(k, dim=0).values.mean(dim=0)
+    r_query = sims.topk(min(k, sims.shape[1]), dim=1).values.mean(dim=1)
+    r_cand = sims.topk(min(k, sims.shape[0]), dim=0).values.mean(dim=0)
     return 2 * sims - r_query[:, None] - r_cand[None, :]
 
 

@@ -59,6 +59,20 @@ def short_hash(text: str | bytes, n: int = 16) -> str:
     return hashlib.sha256(data).hexdigest()[:n]
 
 
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` as an int within [low, high], or a ValueError that names the argument."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name} must be {bound}, got {number}")
+    return number
+
+
 def check_limit(name: str, value: object) -> int | None:
     """An optional positive integer parameter, or a ValueError naming it."""
     if value is None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +34,7 @@ from vlray.items import IMAGE, TEXT, trials_table
 from vlray.sources._common import (
     Collector,
     SourceError,
+    check_int,
     check_limit,
     check_text_param,
     files_under,
@@ -247,7 +247,7 @@ def load_pickapic(
     """
     path = check_text_param("path", path) or ""
     limit = check_limit("limit", limit)
-    seed = _check_seed("image_to_text_seed", image_to_text_seed)
+    seed = check_int("image_to_text_seed", image_to_text_seed, 0)
     builder = _Builder(dataset)
     n = 0
     for file in files_under(path, (".parquet",), "Pick-a-Pic data"):
@@ -262,16 +262,3 @@ def load_pickapic(
                 n += 1
                 builder.add(row, f"{file}:row {row_number}", file_split)
     return builder.finish(seed)
-
-
-def _check_seed(name: str, value: object) -> int:
-    """A seed parameter as an int >= 0, or a ValueError naming it."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {number}")
-    return number

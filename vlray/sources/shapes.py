@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import operator
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +34,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from vlray.items import IMAGE, TEXT, concepts_table, items_table, trials_table
+from vlray.sources._common import check_int
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
@@ -861,20 +861,6 @@ def _scene_rows(
     return rows
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """``value`` as an int within [low, high], or a ValueError that names the argument."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if number < low or (high is not None and number > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {bound}, got {number}")
-    return number
-
-
 def _build(
     seed: int,
     n_scenes: int,
@@ -887,16 +873,16 @@ def _build(
     vocabulary: bool,
 ) -> tuple[pa.Table, list[dict], str]:
     """The checked arguments' items table, trial rows (empty without foils) and source name."""
-    seed = _check_int("seed", seed, 0)
-    n_scenes = _check_int("n_scenes", n_scenes, 0)
-    exemplars_per_concept = _check_int("exemplars_per_concept", exemplars_per_concept, 8)
-    captions_per_image = _check_int(
+    seed = check_int("seed", seed, 0)
+    n_scenes = check_int("n_scenes", n_scenes, 0)
+    exemplars_per_concept = check_int("exemplars_per_concept", exemplars_per_concept, 8)
+    captions_per_image = check_int(
         "captions_per_image", captions_per_image, 1, MAX_CAPTIONS_PER_IMAGE
     )
-    sentences_per_concept = _check_int(
+    sentences_per_concept = check_int(
         "sentences_per_concept", sentences_per_concept, 1, len(CONTEXT_TEMPLATES)
     )
-    image_size = _check_int("image_size", image_size, 64, 2048)
+    image_size = check_int("image_size", image_size, 64, 2048)
     for name, flag in (
         ("perturbations", perturbations),
         ("foils", foils),

@@ -23,11 +23,10 @@ import math
 
 import numpy as np
 import pyarrow.compute as pc
-import torch
 
 from vlray import metrics
 from vlray.items import TEXT
-from vlray.metrics.predictive import kfold
+from vlray.metrics.predictive import csls, kfold
 from vlray.results import score_row
 
 from .exemplar import concept_members
@@ -93,19 +92,12 @@ def _ranks(x: np.ndarray, vocab: np.ndarray, target: np.ndarray, alias_sets, fol
         train = np.setdiff1d(np.arange(len(x)), test)
         fitted = metrics.ProcrustesMap().fit(x[train], [target[train]], pca_x=x, pca_ys=[vocab])
         sims = metrics.cosine(fitted.queries(x)[0], fitted.candidates(0, vocab))
-        scored = {"nn": sims[test], "csls": _csls(sims, csls_k)[test]}
+        scored = {"nn": sims[test], "csls": csls(sims, csls_k)[test]}
         for method, s in scored.items():
             for row, c in zip(s, test, strict=True):
                 best = row[alias_sets[c]].max()
                 out[method][c] = int((row > best).sum())
     return out
-
-
-def _csls(sims: torch.Tensor, k: int) -> torch.Tensor:
-    """CSLS with every mapped concept as the candidates' neighbourhood (Conneau et al. 2018)."""
-    r_query = sims.topk(min(k, sims.shape[1]), dim=1).values.mean(dim=1)
-    r_cand = sims.topk(min(k, sims.shape[0]), dim=0).values.mean(dim=0)
-    return 2 * sims - r_query[:, None] - r_cand[None, :]
 
 
 def _dispersion(stack_layer: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
