@@ -1,9 +1,10 @@
 -- Where alignment peaks: for each model pair and metric, the best (vision layer, language layer)
 -- with its score, CI and p-value, and how deep the peak sits (0 = first layer, 1 = last).
+-- Ties go to the shallower pair.
 WITH ranked AS (
     SELECT *,
            row_number() OVER (PARTITION BY dataset, vision_model, language_model, metric
-                              ORDER BY value DESC) AS rank,
+                              ORDER BY value DESC, vision_layer, language_layer) AS rank,
            max(vision_layer) OVER (PARTITION BY dataset, vision_model, language_model, metric)
                AS last_vision_layer,
            max(language_layer) OVER (PARTITION BY dataset, vision_model, language_model, metric)

@@ -132,8 +132,11 @@ def test_all_five_studies_run_on_the_shapes_world_through_ray(small_lake):
     # 4 scenes: one trial per direction each, scored at every layer pair.
     for direction in ("text_to_image", "image_to_text"):
         assert by[("forced_choice", "accuracy", direction)] == {
-            "study": "forced_choice", "metric": "accuracy", "condition": direction,
-            "n": 9 * 7, "items": 4,
+            "study": "forced_choice",
+            "metric": "accuracy",
+            "condition": direction,
+            "n": 9 * 7,
+            "items": 4,
         }
     conditions = {c for s, m, c in by if s == "perturbation" and m == "cka_drop"}
     assert {"image_semantic", "image_appearance", "text_semantic", "text_appearance"} <= conditions
@@ -141,3 +144,39 @@ def test_all_five_studies_run_on_the_shapes_world_through_ray(small_lake):
     assert ("exemplar", "cka", "k=8/both") in by and ("exemplar", "cka", "k=16/text") not in by
     assert by[("concept_retrieval", "p@1", "nn")]["items"] == 24  # the shapes world's concepts
     assert ("concept_retrieval", "p@10", "csls/frequency=high") in by
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_score_is_refused_naming_where_it_arose(value):
+    from vlray.results import score_row
+
+    with pytest.raises(ValueError, match=r"layerwise on shapes, v x t, layers \(2, 3\), cka"):
+        score_row(
+            study="layerwise",
+            dataset="shapes",
+            vision_model="v",
+            language_model="t",
+            vision_layer=2,
+            language_layer=3,
+            metric="cka",
+            condition="none",
+            value=value,
+            n=10,
+            run_id="r",
+        )
+    row = score_row(
+        study="layerwise",
+        dataset="shapes",
+        vision_model="v",
+        language_model="t",
+        vision_layer=2,
+        language_layer=3,
+        metric="cka",
+        condition="none",
+        value=0.5,
+        n=10,
+        run_id="r",
+        ci_low=value,
+        p_value=value,
+    )
+    assert row["value"] == 0.5 and row["ci_low"] is None and row["p_value"] is None

@@ -225,6 +225,28 @@ def test_procrustes_map_recovers_a_planted_rotation():
     np.testing.assert_allclose(fitted.rotations[0].numpy(), r, atol=1e-8)
 
 
+def test_procrustes_map_with_fewer_training_rows_than_axes_is_determined():
+    # 12 training rows in 40 dimensions, PCA fitted on all 30 rows (as concept retrieval
+    # does): the map may use at most 11 axes, so that the held-out rows' similarities do not
+    # hang on rounding noise: reordering the PCA rows, or fitting the bases once
+    # (PcaBasis) instead of per call, gives the same similarities.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(30, 40))
+    y = x[:, :25] @ rng.normal(size=(25, 25)) + 0.5 * rng.normal(size=(30, 25))
+    train, test = np.arange(12), np.arange(12, 30)
+
+    def held_out_similarities(pca_x, pca_y):
+        fitted = metrics.ProcrustesMap().fit(x[train], [y[train]], pca_x=pca_x, pca_ys=[pca_y])
+        assert fitted.rotations[0].shape == (11, 11)
+        return metrics.cosine(fitted.queries(x[test])[0], fitted.candidates(0, y[test])).numpy()
+
+    want = held_out_similarities(x, y)
+    order = rng.permutation(30)
+    np.testing.assert_allclose(held_out_similarities(x[order], y[order]), want, atol=1e-9)
+    bases = metrics.PcaBasis.fit(x), metrics.PcaBasis.fit(y)
+    np.testing.assert_allclose(held_out_similarities(*bases), want, atol=1e-12)
+
+
 def test_maps_reject_bad_input_by_name():
     with pytest.raises(metrics.MetricInputError, match="source: contains NaN"):
         metrics.RidgeMap().fit(np.full((5, 3), np.nan), [np.ones((5, 2))])

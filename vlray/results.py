@@ -53,7 +53,17 @@ def score_row(
     null_mean: float | None = None,
     p_value: float | None = None,
 ) -> dict:
-    """One row of the alignment table; non-finite statistics become null."""
+    """One row of the alignment table; non-finite statistics become null.
+
+    A non-finite score is refused: it would sort above every real score in SQL (NaN is the
+    largest DOUBLE in DuckDB) and, written to Parquet, hide from ``isnan`` filters that trust
+    the file's min/max statistics.
+    """
+    if not np.isfinite(value):
+        raise ValueError(
+            f"{study} on {dataset}, {vision_model} x {language_model}, layers "
+            f"({vision_layer}, {language_layer}), {metric} / {condition}: the score is {value}"
+        )
     return {
         "study": study,
         "dataset": dataset,

@@ -45,13 +45,14 @@ O(D^2) for summed width D; the other kernel metrics are O(n^2) per layer).
 
 from .engine import METRICS, grid, metric_options, score
 from .inputs import MetricInputError
-from .maps import MAPS, ProcrustesMap, RidgeMap, cosine
+from .maps import MAPS, PcaBasis, ProcrustesMap, RidgeMap, cosine
 from .stats import GridStats, bootstrap_replicates, grid_stats, score_stats
 
 __all__ = [
     "METRICS",
     "GridStats",
     "MAPS",
+    "PcaBasis",
     "ProcrustesMap",
     "RidgeMap",
     "bootstrap_replicates",

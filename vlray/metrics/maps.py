@@ -10,13 +10,15 @@ the same space). Computed in float64 with torch, on the GPU when present.
 - :class:`RidgeMap`: ridge regression with an unpenalised intercept, the penalty chosen per
   target layer over ``alphas`` by generalised cross-validation (a few operations per penalty,
   so a whole layer grid of maps stays cheap).
-- :class:`ProcrustesMap`: both sides PCA-reduced to the smaller width, then the orthogonal map
-  that best rotates source onto target (Schonemann 1966; Li et al., TACL 2024).
+- :class:`ProcrustesMap`: both sides PCA-reduced to the smaller width (and to fewer axes than
+  training rows), then the orthogonal map that best rotates source onto target (Schonemann
+  1966; Li et al., TACL 2024).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -102,49 +104,78 @@ class RidgeMap:
         return _rows(y, f"candidates of target {j}", self.device) - self.y_means[j]
 
 
-def _pca_basis(rows: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Principal axes (columns, by decreasing variance) of ``rows`` about ``mean``."""
-    _, s, vh = torch.linalg.svd(rows - mean, full_matrices=False)
-    keep = int((s > s[0] * 1e-10).sum()) if len(s) and s[0] > 0 else 0
-    return vh[:keep].T
+@dataclass(frozen=True)
+class PcaBasis:
+    """Principal axes (columns, by decreasing variance) of l2-normalised rows, about their mean.
+
+    Fit it once on unlabelled rows (a whole vocabulary, all concepts) and hand it to
+    :meth:`ProcrustesMap.fit` for every fold and permutation that shares those rows.
+    """
+
+    mean: torch.Tensor
+    axes: torch.Tensor
+
+    @classmethod
+    def fit(cls, rows: ArrayLike, name: str = "PCA rows", device: str | None = None) -> PcaBasis:
+        return cls.of(_rows(rows, name, resolve_device(device)))
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> PcaBasis:
+        """The basis of rows that are already l2-normalised float64 tensors."""
+        mean = rows.mean(dim=0)
+        _, s, vh = torch.linalg.svd(rows - mean, full_matrices=False)
+        keep = int((s > s[0] * 1e-10).sum()) if len(s) and s[0] > 0 else 0
+        return cls(mean, vh[:keep].T)
 
 
 class ProcrustesMap:
     """PCA to the smaller width, then an orthogonal map from source to each target.
 
+    The width is also capped at the number of training rows minus one: with fewer training
+    rows than dimensions the rotation of the remaining axes is not determined by the data.
+
     The PCA of each side is fitted on ``pca_x`` / ``pca_ys`` when given (unlabelled rows of
-    that space, e.g. a whole vocabulary) and on the training rows otherwise. ``queries`` are
-    the rotated sources and ``candidates(j, Y)`` the target rows in target j's PCA space.
+    that space, e.g. a whole vocabulary, or a :class:`PcaBasis` already fitted on them) and on
+    the training rows otherwise. ``queries`` are the rotated sources and ``candidates(j, Y)``
+    the target rows in target j's PCA space.
     """
 
     def __init__(self, device: str | None = None):
         self.device = resolve_device(device)
 
+    def _basis(self, given: ArrayLike | PcaBasis | None, rows: torch.Tensor, name: str):
+        if given is None:
+            return PcaBasis.of(rows)
+        if isinstance(given, PcaBasis):
+            return PcaBasis(given.mean.to(self.device), given.axes.to(self.device))
+        return PcaBasis.of(_rows(given, name, self.device))
+
     def fit(
         self,
         x: ArrayLike,
         ys: Sequence[ArrayLike],
-        pca_x: ArrayLike | None = None,
-        pca_ys: Sequence[ArrayLike] | None = None,
+        pca_x: ArrayLike | PcaBasis | None = None,
+        pca_ys: Sequence[ArrayLike | PcaBasis] | None = None,
     ) -> ProcrustesMap:
         x = _rows(x, "source", self.device)
         ys = [_rows(y, f"target {j}", self.device) for j, y in enumerate(ys)]
         _paired(x, ys, 2)
-        px = x if pca_x is None else _rows(pca_x, "source PCA rows", self.device)
-        self.x_mean = px.mean(dim=0)
-        x_axes = _pca_basis(px, self.x_mean)
+        x_basis = self._basis(pca_x, x, "source PCA rows")
+        self.x_mean = x_basis.mean
         self.x_axes, self.y_means, self.y_axes, self.rotations = [], [], [], []
         for j, y in enumerate(ys):
-            py = y if pca_ys is None else _rows(pca_ys[j], f"target {j} PCA rows", self.device)
-            y_mean = py.mean(dim=0)
-            y_axes = _pca_basis(py, y_mean)
-            width = min(x_axes.shape[1], y_axes.shape[1])
+            given = None if pca_ys is None else pca_ys[j]
+            y_basis = self._basis(given, y, f"target {j} PCA rows")
+            # Past the training rows' own rank the rotation is undetermined (any rotation of
+            # the leftover axes fits equally well), and held-out rows would be turned by
+            # rounding noise: cap the width there.
+            width = min(x_basis.axes.shape[1], y_basis.axes.shape[1], len(x) - 1)
             if width == 0:
                 raise MetricInputError(f"target {j}: no variance to fit a map on")
-            xa, ya = x_axes[:, :width], y_axes[:, :width]
-            u, _, vh = torch.linalg.svd(((x - self.x_mean) @ xa).T @ ((y - y_mean) @ ya))
+            xa, ya = x_basis.axes[:, :width], y_basis.axes[:, :width]
+            u, _, vh = torch.linalg.svd(((x - self.x_mean) @ xa).T @ ((y - y_basis.mean) @ ya))
             self.x_axes.append(xa)
-            self.y_means.append(y_mean)
+            self.y_means.append(y_basis.mean)
             self.y_axes.append(ya)
             self.rotations.append(u @ vh)
         return self
@@ -154,9 +185,8 @@ class ProcrustesMap:
         return [(xc @ xa) @ w for xa, w in zip(self.x_axes, self.rotations, strict=True)]
 
     def candidates(self, j: int, y: ArrayLike) -> torch.Tensor:
-        return (_rows(y, f"candidates of target {j}", self.device) - self.y_means[j]) @ self.y_axes[
-            j
-        ]
+        y = _rows(y, f"candidates of target {j}", self.device)
+        return (y - self.y_means[j]) @ self.y_axes[j]
 
 
 MAPS = {"ridge": RidgeMap, "procrustes": ProcrustesMap}

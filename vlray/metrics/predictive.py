@@ -216,7 +216,8 @@ class ProcrustesRetrieval(Metric):
     """Retrieval precision after an orthogonal Procrustes map (Li et al., TACL 2024).
 
     Li, Kementchedjhieva, Fierro & Sogaard, "Do Vision and Language Models Share Concepts? A
-    Vector Space Alignment Study". Both layers are PCA-reduced to the smaller width; in each of
+    Vector Space Alignment Study". Both layers are PCA-reduced to the smaller width (and to
+    fewer axes than the smallest training fold has rows, where the map is determined); in each of
     ``folds`` folds an orthogonal map (Schonemann 1966) is fitted on the training rows, the
     held-out queries are mapped, and a hit is the right row ranked within the top ``k`` of all
     held-out rows of the other side, by cosine (``retrieval="nn"``) or CSLS (``"csls"``,
@@ -265,10 +266,13 @@ class ProcrustesRetrieval(Metric):
         queries, cands = (sx, sy) if opts["direction"] == "x_to_y" else (sy, sx)
         folds = _folds(ctx.n, opts, ctx)
         groups = ctx.groups()
+        # Fewer axes than the smallest training fold has rows: past that rank the rotation
+        # is undetermined and would turn held-out rows by rounding noise.
+        rank = ctx.n - max(len(test) for test in folds) - 1
         out = torch.empty((len(queries.scores), len(cands.scores)), dtype=torch.float64)
         for a, za in enumerate(queries.scores):
             for b, zb in enumerate(cands.scores):
-                r = min(queries.widths[a], cands.widths[b], za.shape[1], zb.shape[1])
+                r = min(queries.widths[a], cands.widths[b], za.shape[1], zb.shape[1], rank)
                 out[a, b] = self._precision(za[:, :r], zb[:, :r], folds, groups, opts) / ctx.n
         return out if opts["direction"] == "x_to_y" else out.T
 

@@ -3,7 +3,8 @@
 Image side: a concept is the mean of its images. Language side: every word of the vocabulary
 (each distinct ``word`` of the in-context sentences, so aliases and distractors included) is
 the mean of its word-span embeddings over its sentences. Both sides are PCA-reduced to the
-smaller width (PCA fitted on all concepts / the whole vocabulary, without labels); an
+smaller width (PCA fitted once on all concepts / the whole vocabulary, without labels), and to
+fewer axes than a fold has training concepts, beyond which the rotation is undetermined; an
 orthogonal Procrustes map is fitted on the training concepts of each of ``folds`` folds; each
 held-out concept is mapped into the language space and the vocabulary ranked by cosine
 (``nn``) or CSLS (``csls``). P@k: a hit is any alias of the concept among the top k.
@@ -85,12 +86,20 @@ def chance(n_words: int, n_aliases: int, k: int) -> float:
     return 1.0 - math.comb(n_words - n_aliases, k) / math.comb(n_words, k)
 
 
-def _ranks(x: np.ndarray, vocab: np.ndarray, target: np.ndarray, alias_sets, folds, csls_k):
-    """Per method, each concept's best rank (0-based) of any alias, held out once."""
+def _ranks(
+    x, vocab, target, alias_sets, folds, csls_k, bases: tuple[metrics.PcaBasis, metrics.PcaBasis]
+):
+    """Per method, each concept's best rank (0-based) of any alias, held out once.
+
+    ``bases`` are the PCA of all concepts and of the whole vocabulary: fitted without labels,
+    so every fold and every shuffle of the concept labels shares them.
+    """
     out = {m: np.empty(len(x), dtype=np.int64) for m in METHODS}
     for test in folds:
         train = np.setdiff1d(np.arange(len(x)), test)
-        fitted = metrics.ProcrustesMap().fit(x[train], [target[train]], pca_x=x, pca_ys=[vocab])
+        fitted = metrics.ProcrustesMap().fit(
+            x[train], [target[train]], pca_x=bases[0], pca_ys=[bases[1]]
+        )
         sims = metrics.cosine(fitted.queries(x)[0], fitted.candidates(0, vocab))
         scored = {"nn": sims[test], "csls": csls(sims, csls_k)[test]}
         for method, s in scored.items():
@@ -148,11 +157,20 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
         "polysemy": [info[c]["polysemy"] for c in concepts],
     }
     rows, where = [], inputs.where("concept_retrieval", run_id)
+    concept_means = {}  # vision layer -> (concept means, their PCA basis)
+    vocab_bases = {}  # language layer -> PCA basis of the vocabulary
     for a, b in pairs:
-        x = np.stack([v.layers[a][g].mean(axis=0) for g in groups])
+        if a not in concept_means:
+            x = np.stack([v.layers[a][g].mean(axis=0) for g in groups])
+            concept_means[a] = x, metrics.PcaBasis.fit(x, "concept means")
+        if b not in vocab_bases:
+            vocab_bases[b] = metrics.PcaBasis.fit(vocab[b], "vocabulary")
+        x, bases = concept_means[a][0], (concept_means[a][1], vocab_bases[b])
         target = vocab[b][target_rows]
-        ranks = _ranks(x, vocab[b], target, alias_sets, folds, own.csls_k)
-        nulls = [_ranks(x[s], vocab[b], target, alias_sets, folds, own.csls_k) for s in shuffles]
+        ranks = _ranks(x, vocab[b], target, alias_sets, folds, own.csls_k, bases)
+        nulls = [
+            _ranks(x[s], vocab[b], target, alias_sets, folds, own.csls_k, bases) for s in shuffles
+        ]
         bins = {"dispersion": thirds(_dispersion(v.layers[a], groups))}
         for name, values in breakdowns.items():
             if sum(val is not None for val in values) >= 3 and None not in values:
