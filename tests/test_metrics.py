@@ -247,6 +247,11 @@ def test_procrustes_retrieval_with_more_dimensions_than_items():
         base = score(x, y, "procrustes_retrieval", k=k)
         assert score(x @ rotation(64, 1), y, "procrustes_retrieval", k=k) == base
         assert score(x, y @ rotation(48, 2), "procrustes_retrieval", k=k) == base
+    # Bootstrap resamples repeat items: the cap counts distinct items, so intervals too
+    # stay put under a rotation.
+    st = score_stats(x, y, "procrustes_retrieval", n_bootstrap=8, seed=1)
+    turned = score_stats(x @ rotation(64, 1), y, "procrustes_retrieval", n_bootstrap=8, seed=1)
+    assert (st.ci_low, st.ci_high) == (turned.ci_low, turned.ci_high)
 
 
 def test_linear_predictivity_matches_sklearn(layers):

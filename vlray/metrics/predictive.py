@@ -212,6 +212,13 @@ def csls(sims: torch.Tensor, k: int) -> torch.Tensor:
     return 2 * sims - r_query[:, None] - r_cand[None, :]
 
 
+def _outside(test: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean mask of the rows not in ``test`` (a fold's training rows)."""
+    train = torch.ones(n, dtype=torch.bool, device=test.device)
+    train[test] = False
+    return train
+
+
 class ProcrustesRetrieval(Metric):
     """Retrieval precision after an orthogonal Procrustes map (Li et al., TACL 2024).
 
@@ -266,9 +273,10 @@ class ProcrustesRetrieval(Metric):
         queries, cands = (sx, sy) if opts["direction"] == "x_to_y" else (sy, sx)
         folds = _folds(ctx.n, opts, ctx)
         groups = ctx.groups()
-        # Fewer axes than the smallest training fold has rows: past that rank the rotation
-        # is undetermined and would turn held-out rows by rounding noise.
-        rank = ctx.n - max(len(test) for test in folds) - 1
+        # Fewer axes than the smallest training fold has distinct items: past that rank the
+        # rotation is undetermined and would turn held-out rows by rounding noise.
+        ids = torch.arange(ctx.n, device=ctx.device) if groups is None else groups
+        rank = min(len(torch.unique(ids[_outside(test, ctx.n)])) for test in folds) - 1
         out = torch.empty((len(queries.scores), len(cands.scores)), dtype=torch.float64)
         for a, za in enumerate(queries.scores):
             for b, zb in enumerate(cands.scores):
@@ -280,8 +288,7 @@ class ProcrustesRetrieval(Metric):
     def _precision(q, c, folds, groups, opts) -> float:
         hits = 0
         for test in folds:
-            train = torch.ones(len(q), dtype=torch.bool, device=q.device)
-            train[test] = False
+            train = _outside(test, len(q))
             u, _, vh = torch.linalg.svd(q[train].T @ c[train])
             mapped = torch.nn.functional.normalize(q[test] @ (u @ vh), dim=1)
             sims = mapped @ torch.nn.functional.normalize(c[test], dim=1).T
