@@ -150,33 +150,10 @@ def test_all_five_studies_run_on_the_shapes_world_through_ray(small_lake):
 def test_a_non_finite_score_is_refused_naming_where_it_arose(value):
     from vlray.results import score_row
 
+    where = dict(study="layerwise", dataset="shapes", vision_model="v", language_model="t")
+    place = dict(vision_layer=2, language_layer=3, metric="cka", condition="none", n=10)
     with pytest.raises(ValueError, match=r"layerwise on shapes, v x t, layers \(2, 3\), cka"):
-        score_row(
-            study="layerwise",
-            dataset="shapes",
-            vision_model="v",
-            language_model="t",
-            vision_layer=2,
-            language_layer=3,
-            metric="cka",
-            condition="none",
-            value=value,
-            n=10,
-            run_id="r",
-        )
-    row = score_row(
-        study="layerwise",
-        dataset="shapes",
-        vision_model="v",
-        language_model="t",
-        vision_layer=2,
-        language_layer=3,
-        metric="cka",
-        condition="none",
-        value=0.5,
-        n=10,
-        run_id="r",
-        ci_low=value,
-        p_value=value,
-    )
+        score_row(**where, **place, value=value, run_id="r")
+    # A non-finite statistic is only missing: it becomes null.
+    row = score_row(**where, **place, value=0.5, run_id="r", ci_low=value, p_value=value)
     assert row["value"] == 0.5 and row["ci_low"] is None and row["p_value"] is None
