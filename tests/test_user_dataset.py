@@ -153,3 +153,43 @@ def test_unknown_model_fails_before_any_work(user_dataset, tmp_path, capsys):
     assert code == 2
     assert "field 'models.1': unknown model 'resnet9000'" in capsys.readouterr().err
     assert not lake.exists()
+
+
+def test_align_on_a_small_user_dataset_reports_each_study_and_keeps_the_rest(
+    user_lake, user_dataset, tmp_path, capsys
+):
+    # No trials, perturbations or in-context words, and fewer items than mutual_knn's 10
+    # neighbours need: the studies that lack inputs are skipped with the reason, the layerwise
+    # study fails with the metric's reason, and the failure costs the other studies nothing.
+    manifest, root, _ = user_dataset
+    config = tmp_path / "align.yaml"
+    config.write_text(
+        f"""
+datasets:
+  - name: {manifest.stem}
+    source: manifest
+    params: {{manifest: {manifest}, root: {root}}}
+models: [tiny_vit_random, tiny_gpt2_random]
+align:
+  metrics: [cka, mutual_knn]
+  bootstrap: 0
+  permutations: 0
+"""
+    )
+    code = main(["align", "--config", str(config), "--lake", user_lake])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "layerwise          FAILED: MetricInputError: " in out, out
+    assert "mutual_knn needs at least 11" in out
+    for study in ("perturbation", "forced_choice"):
+        assert f"{study:<18} skipped: " in out, out
+    assert "concept_retrieval  skipped: dataset 'pairs' has no in-context sentences" in out
+    assert "1 study run(s) FAILED (the others' results are kept)" in out
+    con = connect(user_lake)
+    studies = run_query(con, "SELECT DISTINCT study FROM alignment").column("study").to_pylist()
+    assert "layerwise" not in studies
+    config.write_text(config.read_text().replace("[cka, mutual_knn]", "[cka]"))
+    assert main(["align", "--config", str(config), "--lake", user_lake]) == 0
+    con = connect(user_lake)  # the views list the results files present when connecting
+    studies = run_query(con, "SELECT DISTINCT study FROM alignment").column("study").to_pylist()
+    assert "layerwise" in studies

@@ -3,7 +3,9 @@
 One Ray task per (dataset, vision model, language model) runs the configured studies
 (``vlray.studies``) over that pair's embeddings, reading each partition once for all of them,
 and commits one results file per study. A study whose inputs the dataset lacks (no trials, no
-perturbations) is reported as skipped, with the reason.
+perturbations, no captions or in-context words) is reported as skipped, with the reason; a study
+that fails (too few items for a metric, bad values) is reported as failed, with the error, and
+the other studies and pairs still commit theirs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import ray
 
 from vlray.catalog import ModelSpec
 from vlray.cluster import ensure_ray
-from vlray.embeddings import LayerStack
+from vlray.embeddings import EmbeddingsNotFound, LayerStack
 from vlray.lake import Lake, new_run_id
 from vlray.results import alignment_table
 from vlray.studies import STUDIES, AlignOptions, StudyInputs, StudySkipped
@@ -84,8 +86,14 @@ def align_pair(
         started = time.time()
         try:
             rows = STUDIES[study](inputs, run_id)
-        except StudySkipped as why:
+        except (StudySkipped, EmbeddingsNotFound) as why:
+            # The dataset lacks what this study reads (trials, perturbations, captions,
+            # in-context words): not an error, the other studies run.
             summary["studies"][study] = {"skipped": str(why)}
+            continue
+        except Exception as err:  # one study's failure must not lose the others' results
+            log.exception("%s failed on %s, %s x %s", study, dataset, v_spec.name, l_spec.name)
+            summary["studies"][study] = {"failed": f"{type(err).__name__}: {err}"}
             continue
         lake.write_results(
             study,
@@ -112,9 +120,9 @@ def run_align(
     """Fan out one Ray task per (dataset, vision model, language model).
 
     Returns one summary per pair: ``studies`` maps each study to its rows, items and seconds,
-    or to ``{"skipped": reason}``. With ``only_changed``, studies whose results were computed
-    from the same inputs (embedding partitions, items and options) are not rerun and appear as
-    ``{"up_to_date": True}``.
+    or to ``{"skipped": reason}`` or ``{"failed": error}``. With ``only_changed``, studies
+    whose results were computed from the same inputs (embedding partitions, items and options)
+    are not rerun and appear as ``{"up_to_date": True}``.
     """
     lake = Lake(lake) if isinstance(lake, str) else lake
     vision = [s for s in specs if s.modality == "vision"]

@@ -75,8 +75,9 @@ def _lake_of(args: argparse.Namespace, config) -> str:
     return lake
 
 
-def _print_align(done: list[dict], started: float) -> None:
-    written = 0
+def _print_align(done: list[dict], started: float) -> int:
+    """Print the align summary; the exit status: 1 if any study failed, else 0."""
+    written, failed = 0, 0
     for r in done:
         print(f"  {r['dataset']} | {r['vision_model']} x {r['language_model']}")
         for study, s in r["studies"].items():
@@ -84,6 +85,9 @@ def _print_align(done: list[dict], started: float) -> None:
                 line = "results up to date (same inputs)"
             elif "skipped" in s:
                 line = f"skipped: {s['skipped']}"
+            elif "failed" in s:
+                failed += 1
+                line = f"FAILED: {s['failed']}"
             else:
                 written += s["rows"]
                 line = f"n={s['n']:<6} {s['rows']:>6} scores  {s['seconds']:6.1f}s"
@@ -91,7 +95,9 @@ def _print_align(done: list[dict], started: float) -> None:
     print(
         f"align: {len(done)} model pair(s), {written} scores written to the alignment table, "
         f"{time.time() - started:.1f}s"
+        + (f"; {failed} study run(s) FAILED (the others' results are kept)" if failed else "")
     )
+    return 1 if failed else 0
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -101,8 +107,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     lake = _lake_of(args, config)
     started = time.time()
     datasets = [d.name for d in config.datasets]
-    _print_align(run_align(lake, datasets, config.specs(), config.align.options()), started)
-    return 0
+    return _print_align(run_align(lake, datasets, config.specs(), config.align.options()), started)
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -118,11 +123,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     print("\n".join(summary.lines()))
     datasets = [d.name for d in config.datasets]
     done = run_align(lake, datasets, config.specs(), config.align.options(), only_changed=True)
-    _print_align(done, started)
+    status = _print_align(done, started)
     fresh = all(s.get("up_to_date") for r in done for s in r["studies"].values())
     if all(r.skipped for r in summary.results) and fresh:
         print("refresh: nothing new; the lake is up to date")
-    return 0
+    return status
 
 
 # --- bench ------------------------------------------------------------------------------
@@ -273,16 +278,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_extract(config, str(lake))
     print("\n".join(summary.lines()))
     con = connect(str(lake))
-    print(f"\nWhat the lake holds (vlray sql --lake {lake} --file rows_per_model_layer):")
-    overview = run_query(
-        con,
-        """
-        SELECT model, modality, count(DISTINCT perturbation) AS perturbations,
-               count(DISTINCT layer) AS layers, count(DISTINCT item_id) AS items,
-               count(*) AS rows, min(len(embedding)) AS min_dim, max(len(embedding)) AS max_dim
-        FROM embeddings GROUP BY ALL ORDER BY modality DESC, model""",
-    )
-    _print_table(overview, "table", 20)
+    print(f"\nWhat the lake holds (vlray sql --lake {lake} --file models_overview):")
+    _print_table(run_query(con, named_query("models_overview")), "table", 20)
     print(f"\nBookkeeping (vlray sql --lake {lake} --file accounting):")
     acc = run_query(con, named_query("accounting"))
     balanced = all(acc.column("balanced").to_pylist())
@@ -300,7 +297,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nThe five studies (vlray align --config {config_path} --lake {lake}):")
     started = time.time()
     datasets = [d.name for d in config.datasets]
-    _print_align(run_align(str(lake), datasets, config.specs(), config.align.options()), started)
+    status = _print_align(
+        run_align(str(lake), datasets, config.specs(), config.align.options()), started
+    )
     data = load(str(lake))
     index = write_report(data, out / "report")
     print("\nHeadline findings (computed, not tuned; 'does not hold' is reported as such):")
@@ -311,7 +310,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f'\nTry: vlray sql --lake {lake} "SELECT study, metric, condition, max(value) '
         'FROM alignment GROUP BY ALL ORDER BY ALL"'
     )
-    return 0
+    return status
 
 
 # --- entry point ------------------------------------------------------------------------

@@ -39,13 +39,13 @@ def concept_members(inputs: StudyInputs, text_role: str) -> tuple:
     images = items.filter(
         (pc.field("modality") == IMAGE) & pc.field("role").isin(list(inputs.options.image_roles))
     )
+    role = "context" if text_role == "context" else "caption"
+    contexts = items.filter((pc.field("modality") == TEXT) & (pc.field("role") == role))
+    if contexts.num_rows == 0:
+        what = "in-context sentences" if role == "context" else "captions"
+        raise StudySkipped(f"dataset '{inputs.dataset}' has no {what} with a concept")
     v = inputs.stack("vision")
-    if text_role == "context":
-        contexts = items.filter((pc.field("modality") == TEXT) & (pc.field("role") == "context"))
-        t = inputs.stack("language", pooling=WORD_SPAN)
-    else:
-        contexts = items.filter((pc.field("modality") == TEXT) & (pc.field("role") == "caption"))
-        t = inputs.stack("language")
+    t = inputs.stack("language", pooling=WORD_SPAN if role == "context" else None)
     index_v = {item: r for r, item in enumerate(v.item_ids)}
     index_t = {item: r for r, item in enumerate(t.item_ids)}
     img = _members(images["item_id"].to_pylist(), images["concept"].to_pylist(), index_v)
@@ -63,8 +63,13 @@ def _weights(groups: list[np.ndarray], k: int, n_rows: int, rng: np.random.Gener
 
 def run(inputs: StudyInputs, run_id: str) -> list[dict]:
     options, own = inputs.options, inputs.options.exemplar
-    v, t, img, txt = concept_members(inputs, own.text)
-    if not txt and own.text == "caption":  # a concept-level dataset without captions
+    try:
+        v, t, img, txt = concept_members(inputs, own.text)
+    except StudySkipped:
+        if own.text != "caption":
+            raise
+        txt = {}
+    if not txt and own.text == "caption":  # a concept-level dataset: its words in context
         v, t, img, txt = concept_members(inputs, "context")
     concepts = sorted(set(img) & set(txt))
     if len(concepts) < 4:

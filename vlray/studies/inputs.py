@@ -107,12 +107,14 @@ class StudyInputs:
         captions. Only items both models embedded count (quarantined rows are simply absent).
         """
         items, options = self.items, self.options
+        captions = items.filter((pc.field("modality") == TEXT) & (pc.field("role") == "caption"))
+        if captions.num_rows == 0:  # a concept-level dataset (image folders, words in context)
+            raise StudySkipped(f"dataset '{self.dataset}' has no captions to pair images with")
         v = self.stack("vision", image_perturbation)
         t = self.stack("language", text_perturbation)
         images = items.filter(
             (pc.field("modality") == IMAGE) & pc.field("role").isin(list(options.image_roles))
         )
-        captions = items.filter((pc.field("modality") == TEXT) & (pc.field("role") == "caption"))
         embedded = captions.filter(pc.field("item_id").isin(t.item_ids)).sort_by("item_id")
         if options.captions == "first":
             first: dict[str, str] = {}
