@@ -193,3 +193,22 @@ align:
     con = connect(user_lake)  # the views list the results files present when connecting
     studies = run_query(con, "SELECT DISTINCT study FROM alignment").column("study").to_pylist()
     assert "layerwise" in studies
+
+
+def test_hub_model_without_its_files_fails_before_any_model_job(
+    user_dataset, tmp_path, capsys, monkeypatch
+):
+    # No network to the hub and an empty hub cache: resnet50's weights cannot be had. The run
+    # stops with one line naming the model and the repository, before any model job starts.
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    manifest, root, _ = user_dataset
+    lake = tmp_path / "lake"
+    code = extract_manifest(manifest, root, "tiny_vit_random,resnet50", str(lake))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "model 'resnet50' needs 'timm/resnet50.a1_in1k' from the Hugging Face hub" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not list(lake.glob("embeddings/**/*.parquet"))  # not even tiny_vit_random's

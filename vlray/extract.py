@@ -660,6 +660,18 @@ def config_hash(spec: ModelSpec, items_fingerprint: str) -> str:
     return f"{spec.fingerprint()}-{items_fingerprint}"
 
 
+def partitions_to_compute(lake: Lake, dataset: str, spec: ModelSpec, items_fp: str) -> list[str]:
+    """The perturbations of ``dataset`` whose partition for ``spec`` is missing or stale."""
+    modality = IMAGE if spec.modality == "vision" else TEXT
+    items = lake.read_items(dataset, columns=["modality", "perturbation"])
+    present = sorted(
+        set(items.filter(pc.field("modality") == modality)["perturbation"].to_pylist())
+    )
+    wanted_hash = config_hash(spec, items_fp)
+    done = lake.committed(dataset, spec.name)
+    return [p for p in present if done.get(p) != wanted_hash]
+
+
 def extract_model(
     lake: Lake,
     dataset: str,
@@ -677,13 +689,7 @@ def extract_model(
     started = time.time()
     result = ModelResult(dataset=dataset, model=spec.name)
     modality = IMAGE if spec.modality == "vision" else TEXT
-    items = lake.read_items(dataset, columns=["modality", "perturbation"])
-    present = sorted(
-        set(items.filter(pc.field("modality") == modality)["perturbation"].to_pylist())
-    )
-    wanted_hash = config_hash(spec, items_fp)
-    done = lake.committed(dataset, spec.name)
-    todo = [p for p in present if done.get(p) != wanted_hash]
+    todo = partitions_to_compute(lake, dataset, spec, items_fp)
     if not todo:
         result.skipped = True
         return result
@@ -732,7 +738,7 @@ def extract_model(
                 model=spec.name,
                 perturbation=pert,
                 model_revision=model_revision(spec),
-                config_hash=wanted_hash,
+                config_hash=config_hash(spec, items_fp),
                 rows=rows[pert],
                 items=n_items[pert],
                 layers=len(layer_names),

@@ -12,7 +12,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vlray import pooling as P
-from vlray.catalog import ModelSpec, get_spec
+from vlray.catalog import CatalogError, ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,61 @@ def package_version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# --- Weights from the Hugging Face hub ---------------------------------------------------------
+
+
+class WeightsUnavailable(CatalogError):
+    """A model's files are neither in the local hub cache nor reachable; names the model."""
+
+
+def hub_repositories(spec: ModelSpec) -> list[tuple[str, str | None]]:
+    """``(repository, revision)`` on the Hugging Face hub that building ``spec`` reads."""
+    from transformers import CONFIG_MAPPING
+
+    repos: list[tuple[str, str | None]] = []
+    if spec.source == "timm" and spec.init == "pretrained":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.arch or spec.id)
+        if cfg is not None and cfg.hf_hub_id:
+            repos.append((cfg.hf_hub_id, None))
+    elif spec.source == "hf" and (spec.init == "pretrained" or spec.id not in CONFIG_MAPPING):
+        repos.append((spec.id, spec.revision))
+    if spec.modality == "language" and not (spec.tokenizer and Path(spec.tokenizer).exists()):
+        other = get_spec(spec.tokenizer) if spec.tokenizer else spec
+        if other.source == "hf" and (other.id, other.revision) not in repos:
+            repos.append((other.id, other.revision))
+    return repos
+
+
+def check_weights_available(specs: Iterable[ModelSpec]) -> None:
+    """Fail, naming the model, when a repository it needs is neither cached nor reachable.
+
+    Cached means the hub cache (``HF_HOME``) holds a snapshot of that revision; reachable
+    means the hub answers for it. Packaged and random-init models need neither.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    for spec in specs:
+        for repo, revision in hub_repositories(spec):
+            try:
+                snapshot_download(repo, revision=revision, local_files_only=True)
+                continue
+            except LocalEntryNotFoundError:
+                pass
+            try:
+                HfApi().model_info(repo, revision=revision, timeout=10)
+            except Exception as err:  # offline, DNS, gated, missing: all say the same to a user
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise WeightsUnavailable(
+                    f"model '{spec.name}' needs '{repo}' from the Hugging Face hub: it is not "
+                    f"in the local cache and the hub did not answer ({reason}). Run once with "
+                    "network access, or set HF_HOME to a cache that holds it; the packaged "
+                    "models (efficientnet_lite0, minilm_l6 and their random twins) need neither"
+                ) from err
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

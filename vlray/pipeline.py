@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from vlray.cluster import ensure_ray
 from vlray.config import RunConfig
-from vlray.extract import ExtractOptions, ModelResult, extract_model
+from vlray.extract import ExtractOptions, ModelResult, extract_model, partitions_to_compute
 from vlray.items import EXTRA_TABLES
 from vlray.lake import Lake, new_run_id
 from vlray.sources import load_source
@@ -87,6 +87,18 @@ def _extract_all(
                 lake.remove_table_for(ds.name, name)
         summary.refused_by_source[ds.name] = loaded.quarantine.num_rows
         roots[ds.name] = ds.params.get("root")
+    from vlray.models import check_weights_available
+
+    # A model whose weights must come from the hub fails here, in one line, before any job
+    # starts (not in every actor, retried by Ray, after the models before it ran).
+    check_weights_available(
+        spec
+        for spec in specs
+        if any(
+            partitions_to_compute(lake, ds.name, spec, fingerprints[ds.name])
+            for ds in config.datasets
+        )
+    )
     ensure_ray()
     for spec in specs:
         for ds in config.datasets:
