@@ -126,3 +126,19 @@ def test_the_paper_config_names_only_catalog_models_and_known_sources():
     assert {s.modality for s in specs} == {"vision", "language"}
     assert all(s.init == "pretrained" and s.source in ("timm", "hf") for s in specs)
     assert {d.source for d in config.datasets} == {"coco", "pickapic", "imagefolder", "parquet"}
+
+
+def test_models_command_lists_the_catalog(capsys):
+    from vlray.catalog import load_catalog
+    from vlray.cli import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    rows = {line.split()[0]: line.split() for line in lines}
+    assert set(rows) == set(load_catalog())
+    assert rows["efficientnet_lite0"][1:4] == ["vision", "packaged", "packaged"]
+    assert rows["minilm_l6_random"][3] == "random"
+    assert rows["resnet50"][3] == "hub"
+    assert main(["models", "--modality", "language"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert "minilm_l6" in names and "efficientnet_lite0" not in names

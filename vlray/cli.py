@@ -263,6 +263,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """The catalog, one model a line: what `--models` and `models:` accept."""
+    from vlray.catalog import load_catalog
+
+    catalog = load_catalog(*(args.catalog or []))
+    print(f"{'name':<28} {'modality':<9} {'source':<9} {'weights':<10} {'pooling':<16} id")
+    for spec in catalog.values():
+        if args.modality and spec.modality != args.modality:
+            continue
+        weights = "random" if spec.init == "random" else "packaged"
+        if spec.init == "pretrained" and spec.source != "packaged":
+            weights = "hub"
+        pooling = ",".join(spec.pooling)
+        print(
+            f"{spec.name:<28} {spec.modality:<9} {spec.source:<9} {weights:<10} {pooling:<16} "
+            f"{spec.id}"
+        )
+    return 0
+
+
 # --- demo ------------------------------------------------------------------------------
 
 
@@ -380,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run statements that write files or change settings",
     )
     sql.set_defaults(func=cmd_sql)
+
+    models = sub.add_parser("models", help="list the catalog's models (names for --models)")
+    models.add_argument("--modality", choices=("vision", "language"))
+    models.add_argument("--catalog", action="append", help="an extra catalog YAML file")
+    models.set_defaults(func=cmd_models)
 
     report = sub.add_parser("report", help="HTML report with PNG figures and headline findings")
     report.add_argument("--lake", required=True, help="lake path or URI")
