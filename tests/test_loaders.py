@@ -378,6 +378,46 @@ def test_imagefolder_without_word_list_and_limits(tmp_path):
     assert out.tables["concepts"].to_pylist()[0]["aliases"] == ["golden retriever"]
 
 
+def test_imagefolder_quarantines_folders_missing_from_the_word_list(tmp_path):
+    root = tmp_path / "shapes"
+    for folder, n in (("red_circle", 2), ("blue_square", 1), ("purple_star", 2)):
+        (root / folder).mkdir(parents=True)
+        for k in range(n):
+            (root / folder / f"{k}.png").write_bytes(png(k))
+    (root / "purple_star" / "notes.txt").write_text("not an image")
+    words = tmp_path / "words.csv"
+    words.write_text("concept,word,aliases\nred_circle,circle,\nblue_square,square,\n")
+    out = load_source("imagefolder", "f", {"root": str(root), "words": str(words)})
+
+    assert set(by_id(out.items, "image")) == {
+        "red_circle/0.png",
+        "red_circle/1.png",
+        "blue_square/0.png",
+    }
+    bad = refused(out)
+    assert set(bad) == {("purple_star/0.png", "image"), ("purple_star/1.png", "image")}
+    for (item_id, _), row in bad.items():
+        assert row["stage"] == "validate" and row["model"] is None
+        assert row["reason"] == f"folder 'purple_star' is not listed in the words file {words}"
+        assert row["source"] == f"{root}:{item_id}"
+    # Every image file is either an item or a quarantine row: none vanishes.
+    files = {f"{p.parent.name}/{p.name}" for p in root.rglob("*.png")}
+    assert files == set(by_id(out.items, "image")) | {k for k, _ in bad}
+    assert {c["concept"] for c in out.tables["concepts"].to_pylist()} == {
+        "red_circle",
+        "blue_square",
+    }
+
+    # The refusals reach the lake's quarantine view, where `vlray sql` reports them.
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_items("f", out.items, out.quarantine, "run-test")
+    lake.discard("run-test")
+    counts = run_query(
+        connect(lake), "SELECT stage, count(*) AS n FROM quarantine GROUP BY stage"
+    ).to_pylist()
+    assert counts == [{"stage": "validate", "n": 2}]
+
+
 def test_imagefolder_bad_word_lists(tmp_path):
     root, _, _ = imagefolder_fixture(tmp_path)
     no_word = tmp_path / "no-word.csv"

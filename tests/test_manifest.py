@@ -214,6 +214,48 @@ def test_unreadable_manifests(tmp_path, root, name: str, content: bytes, message
         load_manifest(str(manifest), str(root), "d")
 
 
+@pytest.mark.parametrize(
+    "content, where",
+    [
+        ('{"item_id": "x", "image": \n', "line 5: Expecting value at column 27"),  # cut off
+        ('["x", "images/a.png", "hi"]\n', "line 5: expected a JSON object"),  # not an object
+    ],
+)
+def test_broken_json_manifest_names_file_and_line(tmp_path, root, content, where) -> None:
+    manifest = tmp_path / "broken.jsonl"
+    write_jsonl(manifest, rows_for(root)[:3])
+    with open(manifest, "a") as f:
+        f.write("\n" + content)  # line 4 is blank: skipped, but still counted
+    with pytest.raises(ManifestError) as info:
+        load_manifest(str(manifest), str(root), "d")
+    assert f"cannot parse JSON manifest {manifest} {where}" in str(info.value)
+
+
+def test_broken_json_array_manifest_names_the_line(tmp_path, root) -> None:
+    manifest = tmp_path / "broken.json"
+    manifest.write_text(
+        '[{"item_id": "a", "image": "images/a.png", "caption": "hi"},\n{"item_id":\n]'
+    )
+    with pytest.raises(ManifestError, match=r"broken\.json line 3: Expecting value at column 1"):
+        load_manifest(str(manifest), str(root), "d")
+
+
+def test_broken_json_manifest_stops_the_cli_before_the_lake(tmp_path, root, capsys) -> None:
+    from vlray.cli import main
+
+    manifest = tmp_path / "broken.jsonl"
+    write_jsonl(manifest, rows_for(root)[:3])
+    with open(manifest, "a") as f:
+        f.write('{"item_id": "x", "image": \n')
+    lake = tmp_path / "lake"
+    args = ["extract", "--manifest", str(manifest), "--root", str(root)]
+    code = main([*args, "--models", "tiny_vit_random", "--lake", str(lake)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{manifest} line 4: Expecting value at column 27" in err
+    assert not [p for p in lake.rglob("*") if p.is_file()]  # no items, quarantine nor lock
+
+
 def test_missing_manifest_and_missing_root(tmp_path, root) -> None:
     with pytest.raises(ManifestError, match="cannot read manifest"):
         load_manifest(str(tmp_path / "absent.csv"), str(root), "d")

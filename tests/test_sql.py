@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
+from PIL import Image
 
 from vlray.cli import main
 from vlray.lake import Lake
-from vlray.sql import QueryError, connect, named_query, run_query
+from vlray.sql import SQL_DIR, QueryError, connect, named_query, run_query
 
 
 def test_views_exist_on_an_empty_lake(tmp_path):
@@ -129,3 +131,70 @@ def test_a_query_on_one_model_reads_only_that_models_files(small_lake, tmp_path)
     assert n > 0
     with pytest.raises(QueryError):
         run_query(con, "SELECT count(*) FROM embeddings WHERE model = 'tiny_vit_random'")
+
+
+# A value for each `$name` parameter the named queries take, as `vlray sql --param` passes it.
+QUERY_PARAMS = {
+    "dataset": "shapes",
+    "model": "minilm_l6",
+    "layer": "6",
+    "pooling": "mean",
+    "item_id": "ex-red-circle-000#c0",
+}
+
+
+@pytest.fixture(scope="module")
+def full_lake(small_lake, tmp_path_factory):
+    """A copy of the small lake with every study's alignment rows (the product's align_pair
+    on the tiny model pair, cheap options) and rows refused by a source (a manifest with
+    blank captions and a missing image), so that every named query has rows to return."""
+    from vlray.align import align_pair
+    from vlray.catalog import get_spec
+    from vlray.sources.manifest import load_manifest
+    from vlray.studies import STUDY_NAMES, AlignOptions
+    from vlray.studies.options import ExemplarOptions
+
+    lake, _ = small_lake
+    tmp = tmp_path_factory.mktemp("full")
+    copy = str(tmp / "lake")
+    shutil.copytree(lake, copy)
+    options = AlignOptions(
+        metrics=("cka",), bootstrap=2, permutations=2, exemplar=ExemplarOptions(draws=1)
+    )
+    vision, language = (get_spec(m).model_dump() for m in ("tiny_vit_random", "tiny_gpt2_random"))
+    done = align_pair(copy, "shapes", vision, language, options, list(STUDY_NAMES), "run-test")
+    assert all("rows" in s for s in done["studies"].values()), done["studies"]
+    (tmp / "img").mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp / "img" / "a.png")
+    manifest = tmp / "refusals.jsonl"
+    rows = [
+        {"item_id": "a", "image": "img/a.png", "caption": " "},
+        {"item_id": "b", "image": "img/missing.png", "caption": ""},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items, refused = load_manifest(str(manifest), str(tmp), "refusals")
+    Lake(copy).write_items("refusals", items, refused, "run-test")
+    Lake(copy).discard("run-test")
+    return copy
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SQL_DIR.glob("*.sql")))
+def test_every_named_query_runs_and_returns_rows(full_lake, name):
+    """Each sql/*.sql as `vlray sql --file NAME` runs it: a query that the installed DuckDB no
+    longer parses or binds fails here, not in a user's hands."""
+    query = named_query(name)
+    wanted = set(re.findall(r"\$([A-Za-z_]\w*)", query))
+    unknown = wanted - set(QUERY_PARAMS)
+    assert not unknown, f"sql/{name}.sql takes ${', $'.join(sorted(unknown))}: add to QUERY_PARAMS"
+    rows = run_query(connect(full_lake), query, {k: QUERY_PARAMS[k] for k in wanted})
+    assert rows.num_rows > 0, f"sql/{name}.sql returned no rows on a lake with every table"
+
+
+def test_quarantine_summary_counts_each_reason(full_lake):
+    rows = run_query(connect(full_lake), named_query("quarantine_summary")).to_pylist()
+    assert [(r["modality"], r["stage"], r["items"]) for r in rows] == [
+        ("text", "validate", 2),  # most items first
+        ("image", "read", 1),
+    ]
+    assert rows[0]["reason"] == "empty caption" and "missing.png" in rows[1]["reason"]
+    assert {r["dataset"] for r in rows} == {"refusals"}

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from vlray.images import filesystem_and_path
-from vlray.items import TEXT, concepts_table
+from vlray.items import IMAGE, TEXT, concepts_table
 from vlray.sources._common import (
     IMAGE_EXTENSIONS,
     Collector,
@@ -197,8 +197,9 @@ def load_imagefolder(
 
     ``root`` holds one folder per concept; ``words`` (CSV/TSV/JSONL, optional) maps folder
     names to words and ``|``-separated aliases; without it a folder's name, ``_`` read as a
-    space, is its word. With a word list, only the folders it lists are loaded (a listed
-    concept without a folder is left out, with a warning). ``sentences`` (CSV/TSV/JSONL,
+    space, is its word. With a word list, only the folders it lists are loaded: the images of
+    a folder it does not list are quarantined at stage "validate", and a listed concept
+    without a folder is left out, with a warning. ``sentences`` (CSV/TSV/JSONL,
     optional) has ``word`` and ``sentence`` columns, optionally ``concept``.
     ``images_per_concept`` and ``sentences_per_concept`` keep the first ones (files in name
     order, sentences in file order).
@@ -231,7 +232,9 @@ def load_imagefolder(
         concepts = {c: listed[c] for c in folders if c in listed}
         if not concepts:
             raise SourceError(f"no folder under {root} is a concept of the words file {words}")
+        unlisted = [c for c in folders if c not in listed]
     else:
+        unlisted = []
         concepts = {}
         for c in folders:
             word = " ".join(c.replace("_", " ").split())
@@ -251,6 +254,13 @@ def load_imagefolder(
                 "split": split,
             }
             out.add_image_file(item, f"{concept}/{name}", root, f"{root}:{concept}/{name}")
+    # An unlisted folder has no word to align with; its images are refused, not lost, so that
+    # rows in = embedded + quarantined still holds.
+    for folder in unlisted:
+        reason = f"folder {folder!r} is not listed in the words file {words}"
+        for name in _image_names(root, folder)[:images_per_concept]:
+            where = f"{root}:{folder}/{name}"
+            out.reject(f"{folder}/{name}", IMAGE, "validate", reason, where)
 
     if sentences is not None:
         _add_sentences(out, sentences, concepts, split, sentences_per_concept)

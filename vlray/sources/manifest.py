@@ -15,6 +15,7 @@ Rows are numbered from 1, not counting a CSV header.
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import polars as pl
@@ -82,8 +83,37 @@ def _read_json(path: str) -> list[dict]:
         else:
             frame = pl.read_ndjson(io.BytesIO(data), infer_schema_length=None)
     except Exception as e:  # polars raises its own error types for malformed files
-        raise ManifestError(f"cannot parse JSON manifest {path}: {one_line(e)}") from e
+        where = _json_problem(data)  # polars names only a character offset, not the line
+        problem = f" {where}" if where else f": {one_line(e)}"
+        raise ManifestError(f"cannot parse JSON manifest {path}{problem}") from e
     return _frame_rows(path, frame)
+
+
+def _json_problem(data: bytes) -> str | None:
+    """``line N: what is wrong`` for the first bad line of a JSON array or JSON lines file
+    (lines numbered from 1), or None if Python's parser finds nothing wrong."""
+    if data.lstrip()[:1] == b"[":
+        try:
+            json.loads(data)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}: {e.msg} at column {e.colno}"
+        except UnicodeDecodeError as e:
+            n = data[: e.start].count(b"\n") + 1
+            return f"line {n}: not UTF-8 text: {one_line(e)}"
+        return None
+    for n, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n}: {e.msg} at column {e.colno}"
+        except UnicodeDecodeError as e:
+            return f"line {n}: not UTF-8 text: {one_line(e)}"
+        if not isinstance(row, dict):
+            text = line.decode("utf-8", "replace").strip()
+            return f"line {n}: expected a JSON object, got {text!r:.80}"
+    return None
 
 
 def _read_parquet(path: str) -> list[dict]:
