@@ -83,3 +83,48 @@ def test_refresh_does_only_what_changed(small_lake, tmp_path, capsys):
         "GROUP BY ALL HAVING count(*) > 1)",
     ).to_pylist()[0]["n"]
     assert dup == 0
+
+
+def test_changed_items_recompute_only_their_own_partitions(small_lake, tmp_path, capsys):
+    # Two more context sentences per concept change only the text items of the unperturbed
+    # partition: the image model and the text model's perturbed partitions stay as they are.
+    source, _ = small_lake
+    lake = str(tmp_path / "lake")
+    shutil.copytree(source, lake)
+    world = dict(SMALL_WORLD, sentences_per_concept=SMALL_WORLD["sentences_per_concept"] + 2)
+    config = tmp_path / "more-sentences.yaml"
+    config.write_text(
+        "datasets: [{name: shapes, source: shapes, params: {"
+        + ", ".join(f"{k}: {v}" for k, v in world.items())
+        + "}}]\nmodels: [tiny_vit_random, tiny_gpt2_random]\n"
+    )
+    before = _files(lake)
+    assert main(["extract", "--config", str(config), "--lake", lake]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date (nothing to do)") == 1 and "tiny_vit_random" in out
+    after = _files(lake)
+
+    def changed(model: str, perturbation: str | None = None) -> bool:
+        part = f"/model={model}/" + (f"perturbation={perturbation}/" if perturbation else "")
+        old = {f: t for f, t in before.items() if "/embeddings/" in f and part in f}
+        new = {f: t for f, t in after.items() if "/embeddings/" in f and part in f}
+        assert new, part
+        return old != new
+
+    assert not changed("tiny_vit_random")
+    assert changed("tiny_gpt2_random", "none")
+    perturbed = {
+        f.split("/perturbation=")[1].split("/")[0]
+        for f in after
+        if "/model=tiny_gpt2_random/" in f and "/perturbation=" in f
+    } - {"none"}
+    assert perturbed and not any(changed("tiny_gpt2_random", p) for p in perturbed)
+    sentences = run_query(
+        connect(lake),
+        "SELECT count(DISTINCT item_id) AS n FROM embeddings "
+        "WHERE model = 'tiny_gpt2_random' AND pooling = 'word_span'",
+    ).to_pylist()[0]["n"]
+    items = run_query(
+        connect(lake), "SELECT count(*) AS n FROM items WHERE role = 'context'"
+    ).to_pylist()[0]["n"]
+    assert sentences == items  # the new sentences were embedded

@@ -31,7 +31,7 @@ from ray.data.expressions import col
 from vlray import images
 from vlray.catalog import ModelSpec
 from vlray.items import IMAGE, TEXT, quarantine_row, quarantine_table
-from vlray.lake import Lake, LakeError, manifest_record, partition_value
+from vlray.lake import ItemsFingerprint, Lake, LakeError, manifest_record, partition_value
 
 log = logging.getLogger(__name__)
 
@@ -660,23 +660,28 @@ def config_hash(spec: ModelSpec, items_fingerprint: str) -> str:
     return f"{spec.fingerprint()}-{items_fingerprint}"
 
 
-def partitions_to_compute(lake: Lake, dataset: str, spec: ModelSpec, items_fp: str) -> list[str]:
-    """The perturbations of ``dataset`` whose partition for ``spec`` is missing or stale."""
+def partitions_to_compute(
+    lake: Lake, dataset: str, spec: ModelSpec, items: ItemsFingerprint
+) -> list[str]:
+    """The perturbations of ``dataset`` whose partition for ``spec`` is missing or stale: its
+    recorded hash is neither that of the model and the partition's own items nor (as lakes
+    written before partitions had their own fingerprints record) that of the model and the
+    whole, unchanged, dataset."""
     modality = IMAGE if spec.modality == "vision" else TEXT
-    items = lake.read_items(dataset, columns=["modality", "perturbation"])
-    present = sorted(
-        set(items.filter(pc.field("modality") == modality)["perturbation"].to_pylist())
-    )
-    wanted_hash = config_hash(spec, items_fp)
     done = lake.committed(dataset, spec.name)
-    return [p for p in present if done.get(p) != wanted_hash]
+    whole = config_hash(spec, items.dataset)
+    return [
+        p
+        for p in items.perturbations(modality)
+        if done.get(p) not in (config_hash(spec, items.partitions[(modality, p)]), whole)
+    ]
 
 
 def extract_model(
     lake: Lake,
     dataset: str,
     spec: ModelSpec,
-    items_fp: str,
+    items: ItemsFingerprint,
     options: ExtractOptions,
     run_id: str,
     root: str | None = None,
@@ -689,7 +694,7 @@ def extract_model(
     started = time.time()
     result = ModelResult(dataset=dataset, model=spec.name)
     modality = IMAGE if spec.modality == "vision" else TEXT
-    todo = partitions_to_compute(lake, dataset, spec, items_fp)
+    todo = partitions_to_compute(lake, dataset, spec, items)
     if not todo:
         result.skipped = True
         return result
@@ -738,7 +743,7 @@ def extract_model(
                 model=spec.name,
                 perturbation=pert,
                 model_revision=model_revision(spec),
-                config_hash=config_hash(spec, items_fp),
+                config_hash=config_hash(spec, items.partitions[(modality, pert)]),
                 rows=rows[pert],
                 items=n_items[pert],
                 layers=len(layer_names),

@@ -109,6 +109,36 @@ def items_fingerprint(items: pa.Table) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class ItemsFingerprint:
+    """What a dataset's embeddings depend on: the whole items table (``dataset``), and each
+    (modality, perturbation) partition's own rows (``partitions``), so that a changed caption
+    makes only the text partition that holds it stale, not every image model's embeddings."""
+
+    dataset: str
+    partitions: dict[tuple[str, str], str]
+
+    @classmethod
+    def of(cls, items: pa.Table) -> ItemsFingerprint:
+        keys = (
+            items.select(["modality", "perturbation"])
+            .group_by(["modality", "perturbation"])
+            .aggregate([])
+        )
+        partitions = {}
+        for modality, perturbation in zip(
+            keys["modality"].to_pylist(), keys["perturbation"].to_pylist(), strict=True
+        ):
+            rows = items.filter(
+                (pc.field("modality") == modality) & (pc.field("perturbation") == perturbation)
+            )
+            partitions[(modality, perturbation)] = items_fingerprint(rows)
+        return cls(items_fingerprint(items), partitions)
+
+    def perturbations(self, modality: str) -> list[str]:
+        return sorted(p for m, p in self.partitions if m == modality)
+
+
 @dataclass
 class Lake:
     """A lake at a local path or URI."""
@@ -301,16 +331,18 @@ class Lake:
         quarantine: pa.Table,
         run_id: str,
         rows_per_file: int = 256,
-    ) -> str:
-        """Store a dataset's items (and the rows its source quarantined); returns the fingerprint.
+    ) -> ItemsFingerprint:
+        """Store a dataset's items (and the rows its source quarantined); returns their
+        fingerprints.
 
         Items go into several part files so that readers get parallel blocks; unchanged items
         are not rewritten, so re-runs keep the lake's files as they are.
         """
         items = items.cast(ITEMS_SCHEMA)
-        fingerprint = items_fingerprint(items)
+        fingerprints = ItemsFingerprint.of(items)
+        fingerprint = fingerprints.dataset
         if self.items_fingerprint(dataset) == fingerprint:
-            return fingerprint
+            return fingerprints
         items = items.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
         staged = self.path("_staging", run_id, "items", partition_value(dataset))
         for i, start in enumerate(range(0, max(items.num_rows, 1), rows_per_file)):
@@ -321,7 +353,7 @@ class Lake:
             run_id,
         )
         self.replace_dir(staged, self.items_dir(dataset))
-        return fingerprint
+        return fingerprints
 
     def read_items(self, dataset: str, columns: list[str] | None = None) -> pa.Table:
         files = self.list_files(self.items_dir(dataset))
