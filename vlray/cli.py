@@ -220,7 +220,7 @@ def _print_table(table, fmt: str, max_rows: int) -> None:
         with pl.Config(
             tbl_rows=max_rows,
             tbl_cols=-1,
-            fmt_str_lengths=40,
+            fmt_str_lengths=120,  # quarantine reasons and paths read whole
             float_precision=4,
             tbl_width_chars=width,
             fmt_table_cell_list_len=4,
