@@ -21,7 +21,7 @@ STUDY_TITLES = {
 QUERIES = {
     "overview": "report_overview",
     "models": "report_models",
-    "peaks": "report_layerwise_peaks",
+    "peaks": "layerwise_peaks",
     "grid": "report_layerwise_grid",
     "depth": "report_depth_profile",
     "drops": "report_perturbation_drops",

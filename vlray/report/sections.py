@@ -141,7 +141,7 @@ def layerwise_section(data: ReportData, out: Path) -> Section:
             "shallowest third",
         ],
         [],
-        "Peak of every layer x layer grid (sql/report_layerwise_peaks.sql) and the mean over the "
+        "Peak of every layer x layer grid (sql/layerwise_peaks.sql) and the mean over the "
         "deepest and shallowest thirds of the vision layers (sql/report_depth_profile.sql).",
     )
     for key in _ordered(data, groups):
