@@ -78,10 +78,10 @@ def hub_repositories(spec: ModelSpec) -> list[tuple[str, str | None]]:
             repos.append((cfg.hf_hub_id, None))
     elif spec.source == "hf" and (spec.init == "pretrained" or spec.id not in CONFIG_MAPPING):
         repos.append((spec.id, spec.revision))
-    if spec.modality == "language" and not (spec.tokenizer and Path(spec.tokenizer).exists()):
-        other = get_spec(spec.tokenizer) if spec.tokenizer else spec
-        if other.source == "hf" and (other.id, other.revision) not in repos:
-            repos.append((other.id, other.revision))
+    if spec.modality == "language":
+        location, revision = _tokenizer_location(spec)  # a local folder, or a hub id
+        if not Path(location).exists() and (location, revision) not in repos:
+            repos.append((location, revision))
     return repos
 
 
