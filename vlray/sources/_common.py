@@ -59,14 +59,19 @@ def short_hash(text: str | bytes, n: int = 16) -> str:
     return hashlib.sha256(data).hexdigest()[:n]
 
 
+def _integer(name: str, value: object, kind: str) -> int:
+    """``value`` as an int (bools refused), or a ValueError saying ``name`` must be ``kind``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
+
+
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
     """``value`` as an int within [low, high], or a ValueError that names the argument."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    number = _integer(name, value, "an integer")
     if number < low or (high is not None and number > high):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
         raise ValueError(f"{name} must be {bound}, got {number}")
@@ -77,12 +82,7 @@ def check_limit(name: str, value: object) -> int | None:
     """An optional positive integer parameter, or a ValueError naming it."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    number = _integer(name, value, "a positive integer")
     if number < 1:
         raise ValueError(f"{name} must be a positive integer, got {number}")
     return number
