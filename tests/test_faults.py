@@ -46,11 +46,14 @@ def _start(config: str, lake: str) -> subprocess.Popen:
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    # Polled every 10 ms: with the tiny models a model's layer files sit in staging for only
+    # about 0.3 s (they are written when its input blocks finish, then committed), and a 0.2 s
+    # poll missed that window once in a full `make test`.
     deadline = time.time() + timeout
     while not condition():
         assert proc.poll() is None, "the run ended before the kill point"
         assert time.time() < deadline, "kill point never reached"
-        time.sleep(0.2)
+        time.sleep(0.01)
 
 
 def _staging_has_layer_files(lake: Lake) -> bool:
