@@ -2,10 +2,10 @@
 
 One Ray task per (dataset, vision model, language model) runs the configured studies
 (``vlray.studies``) over that pair's embeddings, reading each partition once for all of them,
-and commits one results file per study. A study whose inputs the dataset lacks (no trials, no
-perturbations, no captions or in-context words) is reported as skipped, with the reason; a study
-that fails (too few items for a metric, bad values) is reported as failed, with the error, and
-the other studies and pairs still commit theirs.
+and commits each study's rows in one Delta transaction. A study whose inputs the dataset lacks
+(no trials, no perturbations, no captions or in-context words) is reported as skipped, with the
+reason; a study that fails (too few items for a metric, bad values) is reported as failed, with
+the error, and the other studies and pairs still commit theirs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ from vlray.studies import STUDIES, AlignOptions, StudyInputs, StudySkipped
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AlignOptions", "align_pair", "inputs_hash", "paired_layers", "run_align"]
+__all__ = [
+    "AlignOptions",
+    "align_pair",
+    "inputs_hash",
+    "paired_layers",
+    "results_key",
+    "run_align",
+]
 
 
 def paired_layers(
@@ -36,8 +43,9 @@ def paired_layers(
     return StudyInputs(lake, dataset, vision, language, options).pairs()
 
 
-def results_name(dataset: str, vision: str, language: str) -> str:
-    return f"{dataset}--{vision}--{language}"
+def results_key(dataset: str, vision: str, language: str) -> dict[str, str]:
+    """The results rows of one (dataset, vision model, language model)."""
+    return {"dataset": dataset, "vision_model": vision, "language_model": language}
 
 
 def inputs_hash(
@@ -45,22 +53,26 @@ def inputs_hash(
 ) -> str:
     """What a study's scores for a pair depend on: both models' committed partitions (their
     config hashes cover model config and items) and the study's options."""
+    return _inputs_hash(
+        lake.committed(dataset, vision),
+        lake.committed(dataset, language),
+        lake.items_fingerprint(dataset),
+        study,
+        options,
+    )
+
+
+def _inputs_hash(
+    vision: dict, language: dict, items: str | None, study: str, options: AlignOptions
+) -> str:
     payload = json.dumps(
-        [
-            lake.committed(dataset, vision),
-            lake.committed(dataset, language),
-            lake.items_fingerprint(dataset),
-            study,
-            options.scoring(study),
-        ],
-        sort_keys=True,
-        default=str,
+        [vision, language, items, study, options.scoring(study)], sort_keys=True, default=str
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def align_pair(
-    lake_uri: str,
+    lake: Lake,
     dataset: str,
     vision: dict,
     language: dict,
@@ -68,12 +80,12 @@ def align_pair(
     studies: list[str],
     run_id: str,
 ) -> dict:
-    """Run ``studies`` for one (dataset, vision, language) and commit their results files."""
+    """Run ``studies`` for one (dataset, vision, language) on ``lake`` (pinned at the
+    embeddings version the scores will record) and commit each study's rows."""
     import torch
 
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(options.cpus_per_task)))
-    lake = Lake(lake_uri)
     v_spec, l_spec = ModelSpec(**vision), ModelSpec(**language)
     inputs = StudyInputs(lake, dataset, v_spec, l_spec, options)
     summary = {
@@ -96,11 +108,10 @@ def align_pair(
             summary["studies"][study] = {"failed": f"{type(err).__name__}: {err}"}
             continue
         lake.write_results(
-            study,
-            results_name(dataset, v_spec.name, l_spec.name),
             alignment_table(rows),
-            run_id,
+            {"study": study, **results_key(dataset, v_spec.name, l_spec.name)},
             inputs_hash(lake, dataset, v_spec.name, l_spec.name, options, study),
+            run_id,
         )
         summary["studies"][study] = {
             "rows": len(rows),
@@ -125,34 +136,41 @@ def run_align(
     are not rerun and appear as ``{"up_to_date": True}``.
     """
     lake = Lake(lake) if isinstance(lake, str) else lake
+    lake.check(write=True)
+    # Every task reads the embeddings version current now, and its scores record it.
+    lake = lake.pinned()
     vision = [s for s in specs if s.modality == "vision"]
     language = [s for s in specs if s.modality == "language"]
     if not vision or not language:
         raise ValueError("alignment needs at least one vision and one language model")
+    stored = lake.results_inputs_hashes() if only_changed else {}
+    manifest: dict[tuple[str, str], dict] = {}
+    for r in lake.manifest().to_pylist():
+        manifest.setdefault((r["dataset"], r["model"]), {})[r["perturbation"]] = r["config_hash"]
     jobs, done = [], []
     for ds in datasets:
+        items = lake.items_fingerprint(ds) if only_changed else None
         for v in vision:
             for t in language:
-                name = results_name(ds, v.name, t.name)
+                key = results_key(ds, v.name, t.name)
                 todo = [
                     s
                     for s in options.studies
                     if not only_changed
-                    or lake.results_inputs_hash(s, name)
-                    != inputs_hash(lake, ds, v.name, t.name, options, s)
+                    or stored.get((s, ds, v.name, t.name))
+                    != _inputs_hash(
+                        manifest.get((ds, v.name), {}),
+                        manifest.get((ds, t.name), {}),
+                        items,
+                        s,
+                        options,
+                    )
                 ]
                 fresh = {s: {"up_to_date": True} for s in options.studies if s not in todo}
                 if todo:
                     jobs.append((ds, v, t, todo, fresh))
                 else:
-                    done.append(
-                        {
-                            "dataset": ds,
-                            "vision_model": v.name,
-                            "language_model": t.name,
-                            "studies": fresh,
-                        }
-                    )
+                    done.append({**key, "studies": fresh})
     if not jobs:
         return done
     ensure_ray()
@@ -161,15 +179,14 @@ def run_align(
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     task = ray.remote(align_pair).options(num_cpus=options.cpus_per_task, num_gpus=gpus)
     run_id = new_run_id()
-    with lake.writer_lock(run_id):
-        refs = [
-            task.remote(lake.uri, ds, v.model_dump(), t.model_dump(), options, todo, run_id)
+    # No lock: each study's rows are one Delta commit, retried if another run's commit to the
+    # same table got in first.
+    results = ray.get(
+        [
+            task.remote(lake, ds, v.model_dump(), t.model_dump(), options, todo, run_id)
             for ds, v, t, todo, _ in jobs
         ]
-        try:
-            results = ray.get(refs)
-        finally:
-            lake.discard(run_id)
+    )
     for (_, _, _, _, fresh), summary in zip(jobs, results, strict=True):
         summary["studies"] = {**fresh, **summary["studies"]}
     return done + results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime as _dt
 import json
 import logging
 import os
@@ -230,7 +231,24 @@ def _print_table(table, fmt: str, max_rows: int) -> None:
             print(pl.from_arrow(table) if table.num_columns else "(no rows)")
 
 
+def _as_of(text: str | None) -> int | _dt.datetime | None:
+    """``--as-of``: an embeddings table version (an integer) or a time (ISO 8601, UTC unless
+    it says otherwise)."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"--as-of expects a version (e.g. 3) or a time (e.g. 2026-11-30T08:00), got '{text}'"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=_dt.UTC)
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
+    from vlray.lake import Lake
     from vlray.sql import connect, named_query, run_query
 
     if bool(args.query) == bool(args.file):
@@ -242,7 +260,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--param expects KEY=VALUE, got '{p}'")
         params[key] = value
-    con = connect(args.lake)
+    con = connect(Lake(args.lake, as_of=_as_of(args.as_of)))
     _print_table(
         run_query(con, query, params, allow_write=args.allow_write), args.format, args.max_rows
     )
@@ -333,6 +351,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return status
 
 
+# --- lake maintenance -------------------------------------------------------------------
+
+
+def cmd_lake(args: argparse.Namespace) -> int:
+    from vlray.lake import Lake
+
+    lake = Lake(args.lake)
+    if args.action == "upgrade":
+        from vlray.lake.upgrade import upgrade
+
+        for line in upgrade(lake):
+            print(line)
+        return 0
+    lake.check(write=args.action != "history")
+    if args.action == "history":
+        table = lake.table("embeddings")
+        for entry in reversed(table.history() if table is not None else []):
+            when = _dt.datetime.fromtimestamp(entry["timestamp"] / 1000, _dt.UTC)
+            print(
+                f"{entry['version']:>5}  {when:%Y-%m-%d %H:%M:%S}Z  {entry['operation']:<8}"
+                f"  run {entry.get('vlray.run_id', '-')}  {entry.get('vlray.dataset', '')}"
+                f"  {entry.get('vlray.model', '')}"
+            )
+        return 0
+    if args.action == "vacuum":
+        removed = lake.vacuum(args.retain, dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        for name, files in removed.items():
+            print(f"  {name:<12} {verb} {len(files)} unreferenced file(s)")
+        print(
+            f"vacuum: {verb} {sum(len(f) for f in removed.values())} file(s) older than "
+            f"{args.retain:g} h that no table version references"
+        )
+        return 0
+    for name, metrics in lake.optimize().items():
+        print(
+            f"  {name:<12} {metrics.get('numFilesRemoved', 0)} small file(s) compacted into "
+            f"{metrics.get('numFilesAdded', 0)}"
+        )
+    print("optimize: done (the replaced files stay for --as-of until `vlray lake vacuum`)")
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------
 
 
@@ -395,6 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
     sql.add_argument(
+        "--as-of",
+        help="read an older snapshot: an embeddings table version (see `vlray lake history`) "
+        "or a time (ISO 8601, UTC)",
+    )
+    sql.add_argument(
         "--allow-write",
         action="store_true",
         help="also run statements that write files or change settings",
@@ -405,6 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--modality", choices=("vision", "language"))
     models.add_argument("--catalog", action="append", help="an extra catalog YAML file")
     models.set_defaults(func=cmd_models)
+
+    lake = sub.add_parser("lake", help="lake maintenance: history, vacuum, optimize, upgrade")
+    lake.add_argument("action", choices=("history", "vacuum", "optimize", "upgrade"))
+    lake.add_argument("--lake", required=True, help="lake path or URI")
+    lake.add_argument(
+        "--retain",
+        type=float,
+        default=168.0,
+        help="vacuum: keep unreferenced files younger than this many hours (default 168)",
+    )
+    lake.add_argument("--dry-run", action="store_true", help="vacuum: list, delete nothing")
+    lake.set_defaults(func=cmd_lake)
 
     report = sub.add_parser("report", help="HTML report with PNG figures and headline findings")
     report.add_argument("--lake", required=True, help="lake path or URI")

@@ -1,24 +1,20 @@
 """Reading embeddings back out of the lake as per-layer arrays, paired across modalities.
 
-Only the partitions and layer files a question needs are opened: a (dataset, model,
-perturbation) partition is a directory, and each file in it holds one layer.
+Only the partitions and layers a question needs are opened: ``dataset``, ``model``,
+``perturbation`` and ``layer`` are partition columns of the embeddings table, so a filter on
+them selects files from the Delta log before any file is read.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from vlray.items import NO_PERTURBATION
 from vlray.lake import Lake
-
-_LAYER_FILE = re.compile(r"part-L(\d+)-")
 
 
 class EmbeddingsNotFound(LookupError):
@@ -36,27 +32,11 @@ class LayerStack:
     pooling: str
 
 
-def layer_files(lake: Lake, dataset: str, model: str, perturbation: str) -> dict[int, list[str]]:
-    """layer -> the partition's files for it."""
-    part = lake.partition_dir(dataset, model, perturbation)
-    files = lake.list_files(part)
-    if not files:
-        raise EmbeddingsNotFound(
-            f"no embeddings for dataset '{dataset}', model '{model}', perturbation "
-            f"'{perturbation}' in {lake.uri} (run `vlray extract` for it first)"
-        )
-    by_layer: dict[int, list[str]] = {}
-    for f in files:
-        match = _LAYER_FILE.search(f.rsplit("/", 1)[-1])
-        if match:
-            by_layer.setdefault(int(match.group(1)), []).append(f)
-    return by_layer
-
-
 def _as_matrix(column: pa.ChunkedArray) -> np.ndarray:
     arr = column.combine_chunks()
-    width = arr.type.list_size
-    return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), width)
+    n = len(arr)
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(n, len(values) // n if n else 0)
 
 
 def load_layers(
@@ -68,22 +48,30 @@ def load_layers(
     layers: list[int] | None = None,
 ) -> LayerStack:
     """Every (or the listed) layer of a model for one pooling, rows sorted by item id."""
-    by_layer = layer_files(lake, dataset, model, perturbation)
-    wanted = sorted(by_layer) if layers is None else layers
-    missing = [layer for layer in wanted if layer not in by_layer]
+    record = lake.partitions(dataset, model).get(perturbation)
+    if record is None or not record["rows"]:
+        raise EmbeddingsNotFound(
+            f"no embeddings for dataset '{dataset}', model '{model}', perturbation "
+            f"'{perturbation}' in {lake.uri} (run `vlray extract` for it first)"
+        )
+    present = list(range(record["layers"]))
+    wanted = present if layers is None else layers
+    missing = [layer for layer in wanted if layer not in present]
     if missing:
         raise EmbeddingsNotFound(
             f"model '{model}' has no layer(s) {missing} in dataset '{dataset}' "
-            f"(layers present: {sorted(by_layer)})"
+            f"(layers present: {present})"
         )
+    source = lake.dataset("embeddings")
+    partition = pc.field("dataset") == dataset
+    partition &= (pc.field("model") == model) & (pc.field("perturbation") == perturbation)
     ids = None
     mats = []
     for layer in wanted:
-        table = pa.concat_tables(
-            pq.read_table(f, filesystem=lake.fs, columns=["item_id", "pooling", "embedding"])
-            for f in by_layer[layer]
-        )
-        table = table.filter(pc.field("pooling") == pooling).sort_by("item_id")
+        table = source.to_table(
+            columns=["item_id", "embedding"],
+            filter=partition & (pc.field("layer") == layer) & (pc.field("pooling") == pooling),
+        ).sort_by("item_id")
         if table.num_rows == 0:
             raise EmbeddingsNotFound(
                 f"model '{model}' layer {layer}: no rows with pooling '{pooling}' in dataset "
@@ -95,12 +83,7 @@ def load_layers(
         elif not np.array_equal(ids, layer_ids):
             raise EmbeddingsNotFound(f"model '{model}': layer {layer} holds other items than 0")
         mats.append(_as_matrix(table["embedding"]))
-    return LayerStack(model, ids, mats, _layer_names(lake, dataset, model, perturbation), pooling)
-
-
-def _layer_names(lake: Lake, dataset: str, model: str, perturbation: str) -> list[str]:
-    record = lake.partitions(dataset, model).get(perturbation)
-    return json.loads(record["layer_names"]) if record else []
+    return LayerStack(model, ids, mats, list(record["layer_names"] or []), pooling)
 
 
 def take_rows(stack: LayerStack, ids: np.ndarray) -> LayerStack:

@@ -1,10 +1,10 @@
 """Extraction: items -> every layer's embeddings in the lake, with Ray Data.
 
-One Ray Data job per (model, dataset): read the items partition, decode and resize images on
+One Ray Data job per (model, dataset): read the items snapshot, decode and resize images on
 CPU tasks, embed on an actor pool (one model per actor, a GPU each when present), and write
-through ``EmbeddingSink`` into a staging area; then each (dataset, model, perturbation)
-partition is committed atomically. Bad rows leave the stream as quarantine records with a
-reason, and the rest of the run completes.
+through ``EmbeddingSink`` straight into the lake's embeddings table; then one Delta
+transaction commits every (dataset, model, perturbation) partition of the job at once. Bad
+rows leave the stream as quarantine records with a reason, and the rest of the run completes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, Datasink
 from ray.data.expressions import col
@@ -31,7 +29,8 @@ from ray.data.expressions import col
 from vlray import images
 from vlray.catalog import ModelSpec
 from vlray.items import IMAGE, TEXT, quarantine_row, quarantine_table
-from vlray.lake import ItemsFingerprint, Lake, LakeError, manifest_record, partition_value
+from vlray.lake import TABLES, ItemsFingerprint, Lake, LakeError
+from vlray.lake.delta import write_file
 
 log = logging.getLogger(__name__)
 
@@ -426,22 +425,6 @@ class EmbedActor:
 # --- Stage 3 (write tasks): per-layer Parquet files in a staging area ----------------------------
 
 
-def _fixed_size(embedding: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.FixedSizeListArray:
-    """List embeddings as ``fixed_size_list<float32>[d]``, chunk by chunk (no concatenation:
-    the values are reused as they are)."""
-    chunks = embedding.chunks if isinstance(embedding, pa.ChunkedArray) else [embedding]
-    lengths = set()
-    for c in chunks:
-        lengths.update(pc.unique(pc.list_value_length(c)).to_pylist())
-    if len(lengths) != 1:
-        raise ValueError(f"one layer has embeddings of several widths: {sorted(lengths)}")
-    width = lengths.pop()
-    fixed = [pa.FixedSizeListArray.from_arrays(pc.list_flatten(c), width) for c in chunks]
-    if isinstance(embedding, pa.ChunkedArray):
-        return pa.chunked_array(fixed, pa.list_(pa.float32(), width))
-    return fixed[0]
-
-
 def _layer_runs(table: pa.Table) -> list[tuple[str, int, pa.Table]]:
     """``(perturbation, layer, rows)`` for each run of one block. The embed stage emits a
     block's rows layer by layer, so a block with one perturbation needs no reordering; other
@@ -464,24 +447,30 @@ def _layer_runs(table: pa.Table) -> list[tuple[str, int, pa.Table]]:
 
 
 class EmbeddingSink(Datasink):
-    """Writes each (perturbation, layer) group as its own Parquet file, embeddings as plain
-    Arrow ``fixed_size_list<float32>[d]`` (a layer's width is fixed; widths differ by layer).
+    """Writes each (perturbation, layer) group of its blocks as one Parquet file straight
+    into the lake's embeddings table, and returns the files' add actions: nothing is visible
+    until ``extract_model`` commits them all in one transaction.
 
     Rows are grouped without sorting or copying the table: each block's runs of one layer are
     sliced out and the slices of a layer written together (readers order rows by item id).
+    Quarantine records leave with the write results, not through files.
     """
 
     def __init__(
         self,
         lake: Lake,
-        staging: str,
+        dataset: str,
+        model: str,
         modality: str,
+        run_id: str,
         rows_per_write: int = 200_000,
         count_poolings: tuple[str, ...] | None = None,
     ):
         self.lake = lake
-        self.staging = staging
+        self.dataset = dataset
+        self.model = model
         self.modality = modality
+        self.run_id = run_id
         self.rows_per_write = rows_per_write
         # Items are counted as layer-0 rows of these poolings (each item has exactly one of
         # them), so that an item whose rows Ray Data split across write tasks counts once.
@@ -494,7 +483,7 @@ class EmbeddingSink(Datasink):
         return self.rows_per_write
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict:
-        tag = f"{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}"
+        stem = f"{self.run_id}-{ctx.task_idx:05d}"
         groups: dict[tuple[str, int], list[pa.Table]] = defaultdict(list)
         errors: list[pa.Table] = []
         for block in blocks:
@@ -510,43 +499,46 @@ class EmbeddingSink(Datasink):
                     groups[(pert, layer)].append(rows)
         counts: dict[str, int] = defaultdict(int)
         items: dict[str, int] = defaultdict(int)
+        adds = []
         for (pert, layer), parts in sorted(groups.items()):
             part = pa.concat_tables(parts)
             out = pa.table(
                 {
                     "item_id": part["item_id"],
-                    "modality": pa.DictionaryArray.from_arrays(
-                        pa.array(np.zeros(part.num_rows, dtype=np.int32)),
-                        pa.array([self.modality]),
-                    ),
-                    "layer": part["layer"],
+                    "modality": pa.array([self.modality] * part.num_rows, pa.string()),
                     "pooling": part["pooling"],
-                    "embedding": _fixed_size(part["embedding"]),
+                    "embedding": part["embedding"],
                 }
             )
-            path = (
-                f"{self.staging}/perturbation={partition_value(pert)}/"
-                f"part-L{layer:03d}-{tag}.parquet"
-            )
+            partition = {
+                "dataset": self.dataset,
+                "model": self.model,
+                "perturbation": pert,
+                "layer": layer,
+            }
             # Float embeddings barely compress (a few per cent); writing them plain keeps the
             # writers ahead of a GPU. Ids and names are dictionary-encoded either way.
-            self.lake.write_table(out, path, compression="none")
+            adds.append(
+                write_file(self.lake.storage, TABLES["embeddings"], out, partition, stem, "none")
+            )
             counts[pert] += out.num_rows
             if layer == 0 and self.count_poolings:
                 wanted = pc.is_in(part["pooling"], pa.array(self.count_poolings, pa.string()))
                 items[pert] += int(pc.sum(wanted).as_py() or 0)
             elif layer == 0:
                 items[pert] += len(pc.unique(part["item_id"]))
-        if errors:
-            error_rows = pa.concat_tables(errors)
-            self.lake.write_table(
-                error_rows.select(["item_id", "perturbation", "stage", "reason", "source"]),
-                f"{self.staging}/_quarantine/part-{tag}.parquet",
+        quarantined = (
+            pa.concat_tables(errors).select(
+                ["item_id", "perturbation", "stage", "reason", "source"]
             )
+            if errors
+            else None
+        )
         return {
             "rows": dict(counts),
             "items": dict(items),
-            "errors": sum(e.num_rows for e in errors),
+            "adds": adds,
+            "quarantine": quarantined,
         }
 
     def on_write_complete(self, write_result) -> None:
@@ -586,12 +578,12 @@ def build_dataset(
         ["image", "image_path"] if modality == IMAGE else ["text", "word"]
     )
     # Items sit in many part files, so read, decode, embed and write overlap as a stream.
+    # The files of the items snapshot, as the Delta log lists them (never a directory glob:
+    # files of a killed or concurrent run may lie beside them).
+    files, filesystem = lake.item_files(dataset)
     ds = (
         ray.data.read_parquet(
-            lake.local_path(lake.items_dir(dataset)),
-            filesystem=lake.fs,
-            partitioning=None,
-            num_cpus=options.io_cpus,
+            files, filesystem=filesystem, partitioning=None, num_cpus=options.io_cpus
         )
         .select_columns(columns)
         .filter(expr=(col("modality") == modality) & col("perturbation").is_in(perturbations))
@@ -698,7 +690,6 @@ def extract_model(
     if not todo:
         result.skipped = True
         return result
-    staging = f"{lake.staging_dir(run_id)}/{partition_value(dataset)}/{partition_value(spec.name)}"
     # options.items_per_write items per write task: writers stream beside the model instead of
     # one large write at the end, the last write ends soon after the model, and each layer's
     # file stays a few MB.
@@ -706,8 +697,10 @@ def extract_model(
     rows_per_item = len(layer_names) * len(spec.pooling)
     sink = EmbeddingSink(
         lake,
-        staging,
+        dataset,
+        spec.name,
         modality,
+        run_id,
         rows_per_write=options.items_per_write * rows_per_item,
         # An item gets the catalog's poolings, or word_span alone (a text with a target word).
         count_poolings=(spec.pooling[0], "word_span"),
@@ -719,39 +712,47 @@ def extract_model(
         lake_error = _lake_error_in(err)
         if lake_error is None:
             raise
-        # A write task could not write (disk full, no permission): say that in one line,
-        # not through Ray's wrapped traceback. The staging area is discarded by the caller.
+        # A write task could not write (disk full, no permission, store unreachable): say
+        # that in one line, not through Ray's wrapped traceback. Its files are unreferenced.
         raise LakeError(f"model '{spec.name}': {lake_error}") from err
 
-    rows, n_items = defaultdict(int), defaultdict(int)
+    rows, n_items, adds, refused = defaultdict(int), defaultdict(int), [], []
     for r in sink.results:
         for p, n in r["rows"].items():
             rows[p] += n
         for p, n in r["items"].items():
             n_items[p] += n
-        result.quarantined += r["errors"]
-    quarantine = _staged_quarantine(lake, staging, dataset, spec.name, modality)
+        adds += r["adds"]
+        if r["quarantine"] is not None:
+            refused.append(r["quarantine"])
+    quarantine = _quarantine_rows(refused, dataset, spec.name, modality)
+    result.quarantined = quarantine.num_rows
     lake.merge_quarantine(dataset, spec.name, quarantine, todo, run_id)
-    for pert in todo:
-        staged = f"{staging}/perturbation={partition_value(pert)}"
-        if not lake.exists(staged):  # every item of it quarantined: an empty, committed partition
-            lake.fs.create_dir(staged, recursive=True)
-        lake.commit_partition(
-            staged,
-            manifest_record(
-                dataset=dataset,
-                model=spec.name,
-                perturbation=pert,
-                model_revision=model_revision(spec),
-                config_hash=config_hash(spec, items.partitions[(modality, pert)]),
-                rows=rows[pert],
-                items=n_items[pert],
-                layers=len(layer_names),
-                layer_names=layer_names,
-                run_id=run_id,
-            ),
-        )
-        result.partitions.append(pert)
+    # One transaction for every partition of the job; a partition whose items were all
+    # quarantined is committed empty (its manifest record says so).
+    lake.commit_embeddings(
+        dataset,
+        spec.name,
+        adds,
+        [
+            {
+                "dataset": dataset,
+                "model": spec.name,
+                "perturbation": pert,
+                "model_revision": model_revision(spec),
+                "config_hash": config_hash(spec, items.partitions[(modality, pert)]),
+                "rows": rows[pert],
+                "items": n_items[pert],
+                "layers": len(layer_names),
+                "layer_names": layer_names,
+                "init": spec.init,
+                "items_fingerprint": items.partitions[(modality, pert)],
+            }
+            for pert in todo
+        ],
+        run_id,
+    )
+    result.partitions = list(todo)
     result.rows = sum(rows.values())
     result.items = sum(n_items.values())
     result.seconds = time.time() - started
@@ -775,13 +776,10 @@ def _lake_error_in(err: BaseException) -> LakeError | None:
     return None
 
 
-def _staged_quarantine(
-    lake: Lake, staging: str, dataset: str, model: str, modality: str
-) -> pa.Table:
-    files = lake.list_files(f"{staging}/_quarantine")
+def _quarantine_rows(refused: list[pa.Table], dataset: str, model: str, modality: str) -> pa.Table:
     rows = []
-    for f in files:
-        for r in pq.read_table(f, filesystem=lake.fs).to_pylist():
+    for table in refused:
+        for r in table.to_pylist():
             # Every row refused during this model's job carries the model's name, so that the
             # per-model bookkeeping (sql/accounting.sql) balances; a bad image therefore
             # appears once per vision model.

@@ -58,11 +58,11 @@ def run_extract(
     run_id = new_run_id()
     summary = ExtractSummary(run_id=run_id)
     started = time.time()
-    with lake.writer_lock(run_id):
-        try:
-            _extract_all(config, lake, specs, options, run_id, summary)
-        finally:
-            lake.discard(run_id)  # committed partitions were moved out; the rest is debris
+    # No lock: every write is a Delta transaction, and concurrent runs (on this machine or
+    # others) are resolved by the table format. A run killed midway leaves only unreferenced
+    # files (`vlray lake vacuum` deletes them).
+    lake.check(write=True)
+    _extract_all(config, lake, specs, options, run_id, summary)
     summary.seconds = time.time() - started
     return summary
 

@@ -1,8 +1,10 @@
 """DuckDB over the lake: the views of ``sql/views`` and the named queries of ``sql/``.
 
 SQL lives in ``.sql`` files, one question each (as in dbt); ``{{ source('NAME') }}`` in a view
-stands for the lake's Parquet files of that table. Connections are read-only by default:
-only statements that read are run.
+stands for the snapshot of the lake's Delta table NAME, handed to DuckDB as a pyarrow dataset
+of exactly the files that snapshot lists (so no DuckDB extension is needed, on a local disk or
+an object store, and filters on partition columns open no other partition's files).
+Connections are read-only by default: only statements that read are run.
 """
 
 from __future__ import annotations
@@ -15,46 +17,10 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from vlray.items import CONCEPTS_SCHEMA, ITEMS_SCHEMA, QUARANTINE_SCHEMA, TRIALS_SCHEMA
-from vlray.lake import MANIFEST_SCHEMA, Lake
-from vlray.results import ALIGNMENT_SCHEMA
+from vlray.lake import Lake
 
 SQL_DIR = Path(os.environ.get("VLRAY_SQL_DIR", Path(__file__).resolve().parents[1] / "sql"))
 VIEWS = ("items", "embeddings", "quarantine", "manifest", "alignment", "trials", "concepts")
-
-# Where each table's files sit under the lake root: (folder, pattern of fixed depth, so that
-# work in progress under _staging never matches).
-_FILES = {
-    "items": ("items", "dataset=*/*.parquet"),
-    "embeddings": ("embeddings", "dataset=*/model=*/perturbation=*/*.parquet"),
-    "quarantine": ("quarantine", "dataset=*/*.parquet"),
-    "manifest": ("_manifest", "*.parquet"),
-    "alignment": ("results/alignment", "study=*/*.parquet"),
-    "trials": ("trials", "dataset=*/*.parquet"),
-    "concepts": ("concepts", "dataset=*/*.parquet"),
-}
-
-# The shape of each table when the lake has no file of it yet, so every view always exists.
-_EMPTY = {
-    "items": ITEMS_SCHEMA.append(pa.field("dataset", pa.string())),
-    "embeddings": pa.schema(
-        [
-            ("item_id", pa.string()),
-            ("modality", pa.string()),
-            ("layer", pa.int16()),
-            ("pooling", pa.string()),
-            ("embedding", pa.list_(pa.float32())),
-            ("dataset", pa.string()),
-            ("model", pa.string()),
-            ("perturbation", pa.string()),
-        ]
-    ),
-    "quarantine": QUARANTINE_SCHEMA,
-    "manifest": MANIFEST_SCHEMA,
-    "alignment": ALIGNMENT_SCHEMA,
-    "trials": TRIALS_SCHEMA.append(pa.field("dataset", pa.string())),
-    "concepts": CONCEPTS_SCHEMA.append(pa.field("dataset", pa.string())),
-}
 
 _READ_ONLY = {"SELECT", "EXPLAIN"}
 _SOURCE = re.compile(r"\{\{\s*source\('(\w+)'\)\s*\}\}")
@@ -64,33 +30,28 @@ class QueryError(ValueError):
     """A query that is refused or fails; the message says why."""
 
 
-def _source(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> str:
-    folder, pattern = _FILES[table]
-    if lake.list_files(lake.path(folder)):
-        glob = lake.local_path(lake.path(folder, pattern)).replace("'", "''")
-        hive = "false" if table in ("manifest", "alignment") else "true"  # columns in the files
-        # No union_by_name: vlray writes one schema per table, and union_by_name would open
-        # every file's footer at bind time, defeating partition pruning.
-        return f"read_parquet('{glob}', hive_partitioning = {hive})"
-    name = f"_empty_{table}"
-    con.register(name, _EMPTY[table].empty_table())
-    return name
-
-
 def connect(lake: Lake | str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's views (``items``, ``embeddings``, ``quarantine``,
-    ``manifest``, ``alignment``, ``trials``, ``concepts``) defined; a table with no file yet
-    is an empty view of the right shape."""
+    ``manifest``, ``alignment``, ``trials``, ``concepts``) defined over its snapshot (the
+    latest, or the one ``Lake.as_of`` names); a table not written yet is an empty view of the
+    right shape."""
     lake = Lake(lake) if isinstance(lake, str) else lake
-    if not lake.exists(lake.root):
+    lake.check()
+    if not lake.storage.exists():
         raise QueryError(f"no lake at {lake.uri}")
     con = duckdb.connect(":memory:")
+
+    def source(table: str) -> str:
+        name = f"_delta_{table}"
+        con.register(name, lake.dataset(table))
+        return name
+
     for view in VIEWS:
         text = (SQL_DIR / "views" / f"{view}.sql").read_text()
         try:
-            con.execute(_SOURCE.sub(lambda m: _source(con, lake, m.group(1)), text))
+            con.execute(_SOURCE.sub(lambda m: source(m.group(1)), text))
         except duckdb.Error as err:
-            raise QueryError(f"cannot open the lake's '{view}' files: {err}") from None
+            raise QueryError(f"cannot open the lake's '{view}' table: {err}") from None
     return con
 
 
