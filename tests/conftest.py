@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray for the session, and one small lake built by the real job."""
+"""Shared fixtures: one local Ray for the session, one real S3 endpoint (moto's server on
+127.0.0.1, stopped by its pid), and one small lake built by the real job."""
 
 from __future__ import annotations
 
@@ -22,6 +23,30 @@ SMALL_WORLD = {
 }
 # Real pretrained weights on the vision side; tiny random configs cover CLS, mean, last-token.
 LAKE_MODELS = ["efficientnet_lite0", "minilm_l6", "tiny_vit_random", "tiny_gpt2_random"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3-compatible endpoint for the session; the AWS environment points at it, so
+    `s3://BUCKET/...` lakes (and `vlray` processes started with os.environ) reach it."""
+    from . import s3
+
+    endpoint = s3.start(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in endpoint.env}
+    os.environ.update(endpoint.env)
+    yield endpoint
+    endpoint.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_lake(s3_endpoint) -> str:
+    """A lake URI in a new, empty bucket of the session's endpoint."""
+    return f"s3://{s3_endpoint.new_bucket()}/vl"
 
 
 @pytest.fixture(scope="session")
