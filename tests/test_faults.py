@@ -1,118 +1,287 @@
-"""A run killed with SIGKILL at any point leaves the lake valid for SQL, and the next refresh
-completes it with every item exactly once."""
+"""A `vlray extract` killed with SIGKILL leaves an s3:// lake in which every visible partition
+is whole and described by the manifest; the next run completes it with every item exactly
+once, and `vlray lake vacuum` deletes the files the killed run left unreferenced.
+
+The kill points are observed from outside, as another node sees the lake (S3 listings and
+the Delta log), not guessed from timing:
+
+- "written, not committed": the bucket holds a Parquet file under the embeddings table that
+  the Delta log does not reference. A model's write tasks put their files in place as its
+  batches come out, and one transaction commits them all after the last batch, so this state
+  lasts from the first write task to the end of the model's job: seconds even for the tiny
+  models (an S3 listing takes a few tens of ms), and every model of the run opens such a
+  window again, so a missed one is followed by another. A run that ends without the state
+  ever being seen fails the test ("kill point never reached"), and after the kill the test
+  checks that unreferenced files really are there, so a lost race cannot pass silently.
+- "one model committed": the manifest holds the first model's records and not the second's,
+  which lasts a whole model job (tens of seconds).
+
+The helpers here (``start_extract``, ``assert_lake_consistent``, ...) serve
+``test_concurrency`` too.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from urllib.parse import unquote
 
+import pyarrow as pa
 import pytest
 import ray
+import yaml
 
+from vlray.catalog import get_spec
+from vlray.cli import main
 from vlray.config import validate_config
+from vlray.items import IMAGE, TEXT
 from vlray.lake import Lake
 from vlray.pipeline import run_extract
 from vlray.sql import connect, named_query, run_query
 
 from .conftest import small_config
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 MODELS = ["tiny_vit_random", "tiny_gpt2_random"]
+# A data file's name: part-<run id>-<write task>-<random>.parquet (vlray.lake.delta.write_file).
+_RUN_ID = re.compile(r"/part-(\d{8}T\d{6}-[0-9a-f]{8})-[^/]*\.parquet$")
+_PARTITION = re.compile(r"/model=([^/]+)/perturbation=([^/]+)/layer=(\d+)/")
 
 
-def _config_file(tmp_path) -> str:
-    import yaml
+# --- helpers (also used by test_concurrency) ---------------------------------------------------
 
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(small_config(MODELS)))
+
+def write_config(path: Path, models: list[str], **extract) -> str:
+    path.write_text(yaml.safe_dump(small_config(models, **extract)))
     return str(path)
 
 
-def _start(config: str, lake: str) -> subprocess.Popen:
+def start_extract(config: str, lake: str, log: Path) -> subprocess.Popen:
     """`vlray extract` as its own driver on this session's Ray cluster (so a SIGKILL leaves no
-    orphaned cluster behind, and Ray cleans up the dead driver's actors)."""
+    orphaned cluster behind, and Ray cleans up the dead driver's tasks and actors); its
+    output goes to ``log``."""
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    return subprocess.Popen(
-        [sys.executable, "-m", "vlray.cli", "extract", "--config", config, "--lake", lake],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vlray.cli", "extract", "--config", config, "--lake", lake],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
-    # Polled every 10 ms: with the tiny models a model's layer files sit in staging for only
-    # about 0.3 s (they are written when its input blocks finish, then committed), and a 0.2 s
-    # poll missed that window once in a full `make test`.
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, "the run ended before the kill point"
-        assert time.time() < deadline, "kill point never reached"
-        time.sleep(0.01)
+def tail(log: Path, n: int = 3000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else ""
 
 
-def _staging_has_layer_files(lake: Lake) -> bool:
-    return any("part-L" in f for f in lake.list_files(lake.path("_staging")))
+def bucket_of(lake: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` -> (bucket, prefix)."""
+    bucket, _, prefix = lake.removeprefix("s3://").partition("/")
+    return bucket, prefix
 
 
-def _manifest_rows(lake: Lake) -> int:
-    return lake.manifest().num_rows
+def data_keys(endpoint, lake: str, table: str = "embeddings") -> set[str]:
+    """The bucket's Parquet objects under a table (the Delta log left out)."""
+    bucket, prefix = bucket_of(lake)
+    return {
+        unquote(k)
+        for k in endpoint.keys(bucket, f"{prefix}/{table}/")
+        if k.endswith(".parquet") and "/_delta_log/" not in k
+    }
 
 
-@pytest.mark.parametrize(
-    "kill_point",
-    ["while embeddings are being staged", "after the first partition is committed"],
-)
-def test_sigkill_then_refresh_gives_every_item_exactly_once(ray_session, tmp_path, kill_point):
-    lake_path = str(tmp_path / "lake")
-    lake = Lake(lake_path)
-    config = _config_file(tmp_path)
-    proc = _start(config, lake_path)
-    if kill_point == "while embeddings are being staged":
-        _wait_for(lambda: _staging_has_layer_files(lake), proc)
-    else:
-        _wait_for(lambda: _manifest_rows(lake) >= 1, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def referenced_keys(lake: str, table: str = "embeddings") -> set[str]:
+    """The objects that the table's latest version is made of, as bucket keys."""
+    delta_table = Lake(lake).table(table)
+    if delta_table is None:
+        return set()
+    bucket, _ = bucket_of(lake)
+    return {unquote(uri.removeprefix(f"s3://{bucket}/")) for uri in delta_table.file_uris()}
 
-    # Valid for SQL right away, and nothing staged is visible.
-    con = connect(lake_path)
-    visible = run_query(con, "SELECT count(*) AS n FROM embeddings").to_pylist()[0]["n"]
-    committed = sum(r["rows"] for r in lake.manifest().to_pylist())
-    assert visible >= committed  # a moved-but-unrecorded partition is complete, never partial
-    for f in lake.list_files(lake.path("embeddings")):
-        assert "_staging" not in f
 
-    # The next run takes over the dead run's lock, clears its staging, completes the work.
-    summary = run_extract(validate_config(small_config(MODELS), "t"), lake_path)
-    assert not lake.exists(lake.path("_staging"))
-    assert not lake.exists(lake.path("_lock"))
-    if kill_point == "while embeddings are being staged":
-        assert any(not r.skipped for r in summary.results)  # the killed work is redone
-    con = connect(lake_path)
-    dup = run_query(
+def uncommitted_keys(endpoint, lake: str) -> set[str]:
+    """Embeddings files in the bucket that the Delta log does not reference. Listed before the
+    log is read: a file committed in between counts as committed, never the other way."""
+    keys = data_keys(endpoint, lake)
+    return keys - referenced_keys(lake)
+
+
+def run_id_of(key: str) -> str:
+    found = _RUN_ID.search(key)
+    assert found, key
+    return found.group(1)
+
+
+def partition_run_ids(lake: str) -> dict[tuple[str, str], set[str]]:
+    """(model, perturbation) -> the run ids of the files its visible rows come from."""
+    table = Lake(lake).table("embeddings")
+    out: dict[tuple[str, str], set[str]] = {}
+    for uri in table.file_uris() if table is not None else []:
+        model, perturbation, _ = _PARTITION.search(uri).groups()
+        out.setdefault((unquote(model), unquote(perturbation)), set()).add(run_id_of(uri))
+    return out
+
+
+def _query(con, sql: str) -> list[dict]:
+    return run_query(con, sql).to_pylist()
+
+
+def assert_lake_consistent(lake: str) -> dict[tuple[str, str], dict]:
+    """What any reader may rely on at any moment, even just after a writer was killed:
+
+    - every visible (model, perturbation) partition has exactly the rows its newest manifest
+      record says, and a partition without a record has none;
+    - each partition is whole: every item has every layer with each of its poolings, exactly
+      once, and every item of the items table is embedded or quarantined;
+    - a partition's files all come from one run (one job's transaction), the run its manifest
+      record names;
+    - the items table holds each item once.
+
+    Returns the manifest records by (model, perturbation)."""
+    records = {(r["model"], r["perturbation"]): r for r in Lake(lake).manifest().to_pylist()}
+    con = connect(lake)
+    visible = {
+        (r["model"], r["perturbation"]): r["n"]
+        for r in _query(
+            con, "SELECT model, perturbation, count(*) AS n FROM embeddings GROUP BY ALL"
+        )
+    }
+    for key in visible.keys() | records.keys():
+        expected = records[key]["rows"] if key in records else 0
+        assert visible.get(key, 0) == expected, (key, visible.get(key, 0), expected)
+
+    per_item = _query(
         con,
         """
-        SELECT count(*) AS n FROM (SELECT model, perturbation, item_id, layer, pooling
-        FROM embeddings GROUP BY ALL HAVING count(*) > 1)""",
-    ).to_pylist()[0]["n"]
-    assert dup == 0
-    acc = run_query(con, named_query("accounting")).to_pylist()
-    assert acc and all(r["balanced"] for r in acc)
-    expected = run_query(con, "SELECT count(*) AS n FROM items").to_pylist()[0]["n"]
-    embedded = run_query(
-        con,
-        "SELECT count(*) AS n FROM (SELECT DISTINCT modality, perturbation,"
-        " item_id FROM embeddings)",
-    ).to_pylist()[0]["n"]
-    assert embedded == expected
-    assert (
-        sum(r["rows"] for r in Lake(lake_path).manifest().to_pylist())
-        == run_query(con, "SELECT count(*) AS n FROM embeddings").to_pylist()[0]["n"]
+        SELECT model, perturbation, item_id, count(*) AS n,
+               count(DISTINCT (layer, pooling)) AS pairs,
+               count(DISTINCT layer) AS layers, count(DISTINCT pooling) AS poolings
+        FROM embeddings GROUP BY ALL""",
     )
-    shutil.rmtree(lake_path)
+    items: dict[tuple[str, str], int] = {}
+    for r in per_item:
+        key = (r["model"], r["perturbation"])
+        assert r["n"] == r["pairs"], f"duplicate rows: {r}"
+        assert r["pairs"] == r["layers"] * r["poolings"], f"a layer or pooling missing: {r}"
+        assert r["layers"] == records[key]["layers"], f"a layer missing: {r}"
+        items[key] = items.get(key, 0) + 1
+    for key, n in items.items():
+        assert n == records[key]["items"], (key, n, records[key]["items"])
+    accounting = _query(con, named_query("accounting"))
+    assert all(r["balanced"] for r in accounting), accounting
+
+    for key, runs in partition_run_ids(lake).items():
+        assert runs == {records[key]["run_id"]}, f"{key}: files of runs {runs}"
+    dup = _query(
+        con,
+        "SELECT count(*) - count(DISTINCT (dataset, modality, perturbation, item_id)) AS n "
+        "FROM items",
+    )
+    assert dup == [{"n": 0}]
+    return records
+
+
+def assert_complete(lake: str, models: list[str]) -> None:
+    """Every model's every perturbation is committed, and the lake is consistent."""
+    records = assert_lake_consistent(lake)
+    con = connect(lake)
+    wanted = {
+        (m, r["perturbation"])
+        for m in models
+        for r in _query(
+            con,
+            "SELECT DISTINCT perturbation FROM items WHERE modality = "
+            f"'{IMAGE if get_spec(m).modality == 'vision' else TEXT}'",
+        )
+    }
+    assert wanted <= records.keys(), wanted - records.keys()
+    dup = _query(
+        con,
+        """
+        SELECT count(*) - count(DISTINCT (model, perturbation, item_id, layer, pooling)) AS n
+        FROM embeddings""",
+    )
+    assert dup == [{"n": 0}]
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 600):
+    """Poll ``condition`` (an S3 listing or a Delta read: tens of ms each) until it returns
+    something true; fail if the run ends first."""
+    deadline = time.time() + timeout
+    while not (found := condition()):
+        assert proc.poll() is None, f"the run ended before the kill point:\n{tail(log)}"
+        assert time.time() < deadline, "kill point never reached"
+        time.sleep(0.02)
+    return found
+
+
+# --- the test ----------------------------------------------------------------------------------
+
+
+def _models_in_manifest(lake: str) -> set[str]:
+    return set(Lake(lake).manifest()["model"].to_pylist())
+
+
+@pytest.mark.parametrize("kill_point", ["written, not committed", "one model committed"])
+def test_sigkill_leaves_whole_partitions_and_the_next_run_completes(
+    ray_session, s3_endpoint, s3_lake, tmp_path, capsys, kill_point
+):
+    lake = s3_lake
+    config = write_config(tmp_path / "run.yaml", MODELS)
+    log = tmp_path / "killed.log"
+    proc = start_extract(config, lake, log)
+    try:
+        if kill_point == "written, not committed":
+            seen = wait_for(lambda: uncommitted_keys(s3_endpoint, lake), proc, log)
+        else:
+            wait_for(lambda: len(_models_in_manifest(lake)) == 1, proc, log)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    # Right after the kill: every visible partition is whole and matches its record.
+    records = assert_lake_consistent(lake)
+    committed = {m for m, _ in records}
+    if kill_point == "written, not committed":
+        left = uncommitted_keys(s3_endpoint, lake)
+        assert seen <= left, "the files seen uncommitted were committed before the kill"
+        killed_run = {run_id_of(k) for k in seen}
+        assert len(killed_run) == 1
+    else:
+        assert committed == {MODELS[0]}
+        killed_run = {r["run_id"] for r in records.values()}
+    (killed_run,) = killed_run
+
+    # The next run redoes exactly the models the killed one had not committed.
+    summary = run_extract(validate_config(small_config(MODELS), "t"), lake)
+    redone = {r.model for r in summary.results if not r.skipped}
+    assert redone == set(MODELS) - committed
+    assert_complete(lake, MODELS)
+
+    # Vacuum deletes what the killed run wrote and never committed; the table reads the same.
+    before = data_keys(s3_endpoint, lake)
+    orphans = {k for k in before - referenced_keys(lake) if run_id_of(k) == killed_run}
+    if kill_point == "written, not committed":
+        assert orphans >= seen
+    content = _sorted_embeddings(lake)
+    capsys.readouterr()
+    assert main(["lake", "vacuum", "--lake", lake, "--retain", "0"]) == 0
+    printed = capsys.readouterr().out
+    deleted = int(re.search(r"vacuum: deleted (\d+) file", printed).group(1))
+    assert deleted >= len(orphans), printed
+    after = data_keys(s3_endpoint, lake)
+    assert not orphans & after
+    assert after == referenced_keys(lake)  # nothing unreferenced is left, nothing referenced went
+    assert _sorted_embeddings(lake).equals(content)
+    assert_complete(lake, MODELS)
+
+
+def _sorted_embeddings(lake: str) -> pa.Table:
+    keys = ["model", "perturbation", "layer", "pooling", "item_id"]
+    return Lake(lake).read("embeddings").sort_by([(k, "ascending") for k in keys])

@@ -7,10 +7,9 @@ import shutil
 import pytest
 
 from vlray.cli import main
-from vlray.lake import Lake
 from vlray.sql import connect, run_query
 
-from .conftest import SMALL_WORLD
+from .conftest import SMALL_WORLD, lake_files
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -28,12 +27,6 @@ def _config(path, catalog: str | None = None) -> str:
     return str(path)
 
 
-def _files(lake: str) -> dict[str, int]:
-    import os
-
-    return {f: os.stat(f).st_mtime_ns for f in Lake(lake).list_files(Lake(lake).root)}
-
-
 def test_refresh_does_only_what_changed(small_lake, tmp_path, capsys):
     source, _ = small_lake
     lake = str(tmp_path / "lake")
@@ -47,10 +40,10 @@ def test_refresh_does_only_what_changed(small_lake, tmp_path, capsys):
     assert "align: 1 model pair(s), 9 scores" in out
 
     # Nothing new: nothing is computed, not a file is touched, and it says so.
-    before = _files(lake)
+    before = lake_files(lake)
     assert main(["refresh", "--config", config, "--lake", lake]) == 0
     assert "nothing new; the lake is up to date" in capsys.readouterr().out
-    assert _files(lake) == before
+    assert lake_files(lake) == before
 
     # A changed layer config makes that model's partitions stale: they are recomputed and
     # replaced (not duplicated), and only the pairs involving it are re-aligned.
@@ -98,11 +91,11 @@ def test_changed_items_recompute_only_their_own_partitions(small_lake, tmp_path,
         + ", ".join(f"{k}: {v}" for k, v in world.items())
         + "}}]\nmodels: [tiny_vit_random, tiny_gpt2_random]\n"
     )
-    before = _files(lake)
+    before = lake_files(lake)
     assert main(["extract", "--config", str(config), "--lake", lake]) == 0
     out = capsys.readouterr().out
     assert out.count("up to date (nothing to do)") == 1 and "tiny_vit_random" in out
-    after = _files(lake)
+    after = lake_files(lake)
 
     def changed(model: str, perturbation: str | None = None) -> bool:
         part = f"/model={model}/" + (f"perturbation={perturbation}/" if perturbation else "")

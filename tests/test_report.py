@@ -232,7 +232,7 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
 def make_lake(path, hold=True, studies=ALL_STUDIES, **kw) -> str:
     lake = Lake(str(path))
     for study, rows in build_rows(hold, studies, **kw).items():
-        lake.write_results(study, f"{DATASET}__all", alignment_table(rows), "run-test", "h")
+        lake.write_results(alignment_table(rows), {"study": study}, "h", "run-test")
     return str(path)
 
 
@@ -352,7 +352,7 @@ def test_model_not_in_catalog_counts_as_pretrained(tmp_path):
     for r in rows:
         r["vision_model"] = {V: "my_own_vit", VR: "my_own_vit_random"}[r["vision_model"]]
     Lake(str(tmp_path / "lake")).write_results(
-        "layerwise", "x", alignment_table(rows), "run-test", "h"
+        alignment_table(rows), {"study": "layerwise"}, "h", "run-test"
     )
     found = findings(str(tmp_path / "lake"))
     pairs = {(f.vision_model, f.language_model) for f in found}
@@ -372,7 +372,7 @@ def test_nan_scores_are_left_out(tmp_path):
         if r["vision_model"] == VR and r["language_model"] == TR and r["metric"] == "cka":
             r["value"] = float("nan")  # a grid with no finite score at all
     Lake(str(tmp_path / "lake")).write_results(
-        "layerwise", "x", alignment_table(rows), "run-test", "h"
+        alignment_table(rows), {"study": "layerwise"}, "h", "run-test"
     )
     found = {f.name: f for f in findings(str(tmp_path / "lake"))}
     assert found["depth"].holds is True and "nan" not in found["depth"].text

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -114,23 +115,55 @@ def test_cli_formats(small_lake, capsys):
     assert "read-only" in capsys.readouterr().err
 
 
+def _corrupt(lake: str, where: pc.Expression) -> int:
+    """Overwrite the embeddings files of the partitions ``where`` selects; returns how many."""
+    fragments = list(Lake(lake).dataset("embeddings").get_fragments(filter=where))
+    for fragment in fragments:
+        with fragment.filesystem.open_output_stream(fragment.path) as out:
+            out.write(b"this is not parquet")
+    return len(fragments)
+
+
 def test_a_query_on_one_model_reads_only_that_models_files(small_lake, tmp_path):
-    """Partition pruning: with another model's files corrupted, one model's query still runs."""
+    """Partition pruning: with another model's files (and other layers' files) corrupted, a
+    query on one model's layer still runs, from the Delta log's list of files."""
     lake, _ = small_lake
-    copy = tmp_path / "lake"
+    copy = str(tmp_path / "lake")
     shutil.copytree(lake, copy)
-    other = Lake(str(copy)).partition_dir("shapes", "tiny_vit_random", "none")
-    for f in Lake(str(copy)).list_files(other):
-        with open(f, "wb") as fh:
-            fh.write(b"this is not parquet")
-    con = connect(str(copy))
+    assert _corrupt(copy, pc.field("model") == "tiny_vit_random") > 0
+    assert _corrupt(copy, (pc.field("model") == "minilm_l6") & (pc.field("layer") > 0)) > 0
+    con = connect(copy)
     n = run_query(
         con,
-        "SELECT count(*) AS n FROM embeddings WHERE model = 'minilm_l6' AND perturbation = 'none'",
+        "SELECT count(*) AS n FROM embeddings WHERE model = 'minilm_l6' AND perturbation = 'none'"
+        " AND layer = 0",
     ).to_pylist()[0]["n"]
     assert n > 0
     with pytest.raises(QueryError):
         run_query(con, "SELECT count(*) FROM embeddings WHERE model = 'tiny_vit_random'")
+    with pytest.raises(QueryError):
+        run_query(con, "SELECT count(*) FROM embeddings WHERE model = 'minilm_l6' AND layer = 1")
+
+
+def test_polars_and_duckdb_read_the_whole_embeddings_table(small_lake):
+    """Other tools read the lake as it is: Polars through the Delta log (`scan_delta`), and a
+    plain DuckDB glob over every Parquet file, with no schema error across layer widths."""
+    import duckdb
+    import polars as pl
+
+    lake, _ = small_lake
+    expected = run_query(connect(lake), "SELECT count(*) AS n FROM embeddings").to_pylist()[0]["n"]
+    frame = (
+        pl.scan_delta(f"{lake}/embeddings")
+        .group_by("model")
+        .agg(pl.len().alias("n"), pl.col("embedding").list.len().max().alias("width"))
+        .collect()
+    )
+    assert frame["n"].sum() == expected
+    assert dict(zip(frame["model"], frame["width"], strict=True))["efficientnet_lite0"] == 1280
+    glob = f"{lake}/embeddings/**/*.parquet"
+    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true)")
+    assert n.fetchall()[0][0] == expected  # a fresh lake: every file is in the current version
 
 
 # A value for each `$name` parameter the named queries take, as `vlray sql --param` passes it.
@@ -174,7 +207,6 @@ def full_lake(small_lake, tmp_path_factory):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items, refused = load_manifest(str(manifest), str(tmp), "refusals")
     Lake(copy).write_items("refusals", items, refused, "run-test")
-    Lake(copy).discard("run-test")
     return copy
 
 

@@ -14,7 +14,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from tests.planted import CONCEPTS, SCENES, plant_lake
 from vlray import metrics
-from vlray.align import align_pair, results_name
+from vlray.align import align_pair
 from vlray.catalog import get_spec
 from vlray.sql import connect, run_query
 from vlray.studies import STUDIES, STUDY_NAMES, AlignOptions, StudyInputs, StudySkipped
@@ -166,8 +166,10 @@ def test_study_without_inputs_is_skipped_with_a_reason(planted, tmp_path):
 
 
 def test_align_pair_writes_each_study_and_sql_reads_them(planted):
+    from vlray.lake import Lake
+
     summary = align_pair(
-        planted,
+        Lake(planted).pinned(),
         "planted",
         get_spec(VISION).model_dump(),
         get_spec(LANGUAGE).model_dump(),
@@ -177,12 +179,8 @@ def test_align_pair_writes_each_study_and_sql_reads_them(planted):
     )
     assert set(summary["studies"]) == set(STUDY_NAMES)
     assert all("rows" in s for s in summary["studies"].values()), summary
-    from vlray.lake import Lake
-
-    assert (
-        Lake(planted).results_inputs_hash("exemplar", results_name("planted", VISION, LANGUAGE))
-        is not None
-    )
+    hashes = Lake(planted).results_inputs_hashes()
+    assert hashes[("exemplar", "planted", VISION, LANGUAGE)] is not None
     counts = run_query(
         connect(planted),
         """

@@ -72,7 +72,7 @@ def _inputs_hash(
 
 
 def align_pair(
-    lake: Lake,
+    lake: Lake | str,
     dataset: str,
     vision: dict,
     language: dict,
@@ -86,6 +86,7 @@ def align_pair(
 
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(options.cpus_per_task)))
+    lake = Lake(lake) if isinstance(lake, str) else lake
     v_spec, l_spec = ModelSpec(**vision), ModelSpec(**language)
     inputs = StudyInputs(lake, dataset, v_spec, l_spec, options)
     summary = {

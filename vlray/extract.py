@@ -31,6 +31,7 @@ from vlray.catalog import ModelSpec
 from vlray.items import IMAGE, TEXT, quarantine_row, quarantine_table
 from vlray.lake import TABLES, ItemsFingerprint, Lake, LakeError
 from vlray.lake.delta import write_file
+from vlray.lake.storage import _one_line
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ class EmbedActor:
         return out.permute(0, 2, 3, 1)
 
 
-# --- Stage 3 (write tasks): per-layer Parquet files in a staging area ----------------------------
+# --- Stage 3 (write tasks): per-layer Parquet files, committed by the driver afterwards ---
 
 
 def _layer_runs(table: pa.Table) -> list[tuple[str, int, pa.Table]]:
@@ -709,11 +710,12 @@ def extract_model(
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": options.io_cpus})
     except Exception as err:
-        lake_error = _lake_error_in(err)
+        lake_error = _lake_error_in(err, lake)
         if lake_error is None:
             raise
-        # A write task could not write (disk full, no permission, store unreachable): say
-        # that in one line, not through Ray's wrapped traceback. Its files are unreferenced.
+        # A write task could not write, or a read task read (disk full, no permission, store
+        # unreachable): say that in one line, not through Ray's wrapped traceback. The files
+        # written are unreferenced.
         raise LakeError(f"model '{spec.name}': {lake_error}") from err
 
     rows, n_items, adds, refused = defaultdict(int), defaultdict(int), [], []
@@ -759,9 +761,11 @@ def extract_model(
     return result
 
 
-def _lake_error_in(err: BaseException) -> LakeError | None:
-    """The LakeError that a Ray task raised, if one is behind ``err`` (Ray wraps it)."""
+def _lake_error_in(err: BaseException, lake: Lake | None = None) -> LakeError | None:
+    """The LakeError that a Ray task raised, if one is behind ``err`` (Ray wraps it); else,
+    as one, an OSError that names ``lake`` (Ray Data's reader failing on the items files)."""
     seen: set[int] = set()
+    os_error: OSError | None = None
     todo: list[BaseException | None] = [err]
     while todo:
         e = todo.pop()
@@ -772,8 +776,26 @@ def _lake_error_in(err: BaseException) -> LakeError | None:
         # (whose message is one line) as its ``cause``.
         if isinstance(e, LakeError) and not isinstance(e, ray.exceptions.RayError):
             return e
+        if (
+            lake is not None
+            and os_error is None
+            and isinstance(e, OSError)
+            and not isinstance(e, ray.exceptions.RayError)
+            and _names_lake(str(e), lake)
+        ):
+            os_error = e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    if os_error is not None and lake is not None:
+        return LakeError(f"cannot read the lake {lake.uri}: {_one_line(os_error)}")
     return None
+
+
+def _names_lake(text: str, lake: Lake) -> bool:
+    """Whether an error message is about the lake's files (its path, or its bucket)."""
+    root = lake.storage.root
+    return root in text or (
+        not lake.storage.is_local and f"bucket '{root.split('/', 1)[0]}'" in text
+    )
 
 
 def _quarantine_rows(refused: list[pa.Table], dataset: str, model: str, modality: str) -> pa.Table:

@@ -13,6 +13,7 @@ against the new version, so the last writer's partition wins whole: never a mix 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import logging
 import random
@@ -27,7 +28,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
-from deltalake.transaction import AddAction, CommitProperties
+from deltalake.transaction import AddAction, CommitProperties, Transaction
 
 from vlray.lake.storage import LakeError, Storage, _one_line
 from vlray.lake.tables import TableSpec
@@ -206,21 +207,52 @@ def commit_files(
         for k, v in (replace or {}).items()
     ]
     what = f"commit to {store.uri_of(spec.path)} ({_describe(replace)})"
+    token = uuid.uuid4().hex  # finds this commit's version in the history
 
     def attempt() -> int:
         table = DeltaTable(store.uri_of(spec.path), storage_options=store.options)
+        read = table.version()
         table.create_write_transaction(
             list(adds),
             mode="overwrite" if replace is not None else "append",
             schema=spec.schema,
             partition_by=list(spec.partition_by) or None,
             partition_filters=filters or None,
-            commit_properties=CommitProperties(custom_metadata=dict(metadata or {})),
+            commit_properties=CommitProperties(
+                custom_metadata={**dict(metadata or {}), "vlray.commit": token},
+                app_transactions=_claims(spec, replace),
+            ),
         )
         table.update_incremental()
+        for entry in table.history(table.version() - read):
+            if entry.get("vlray.commit") == token:
+                return int(entry["version"])
         return table.version()
 
     return _retrying(what, attempt)
+
+
+def _claims(spec: TableSpec, replace: Mapping[str, Any] | None) -> list[Transaction] | None:
+    """One application transaction per replaced partition. delta-rs removes only the files a
+    replace saw, so two writers that both saw a partition empty (its first computation)
+    would both commit and leave a mix of their files; a commit whose partitions a concurrent
+    commit claimed too fails instead, and is retried against the new version."""
+    if replace is None:
+        return None
+    from urllib.parse import quote
+
+    values = [v if isinstance(v, list | tuple) else [v] for v in replace.values()]
+    version = int(time.time() * 1000)
+    return [
+        Transaction(
+            "/".join(
+                [f"vlray/{spec.path}"]
+                + [f"{k}={quote(str(v), safe='')}" for k, v in zip(replace, combo, strict=True)]
+            ),
+            version,
+        )
+        for combo in itertools.product(*values)
+    ]
 
 
 def replace_rows(

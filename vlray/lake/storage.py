@@ -106,7 +106,9 @@ class Storage:
                     secret_key=self.options.get("AWS_SECRET_ACCESS_KEY"),
                     session_token=self.options.get("AWS_SESSION_TOKEN"),
                     connect_timeout=5,
-                    request_timeout=30,
+                    # The same limit as delta-rs's (VLRAY_LAKE_TIMEOUT): a request that gets
+                    # no byte for this long fails (and is retried), instead of hanging.
+                    request_timeout=_seconds(self.options.get("timeout", "30s")),
                     retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
                 )
             else:
@@ -151,6 +153,15 @@ class Storage:
                 self.fs.get_file_info(self.root)
         except OSError as err:
             raise LakeError(f"cannot reach the lake {self.uri}: {_one_line(err)}") from None
+
+
+def _seconds(duration: str) -> float:
+    """A delta-rs duration (``30s``, ``500ms``, ``2m`` or plain seconds) in seconds."""
+    text = duration.strip().lower()
+    for unit, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
 
 
 def _one_line(err: BaseException) -> str:

@@ -46,6 +46,9 @@ def _header(data: ReportData) -> str:
     datasets = sorted({r["dataset"] for r in overview})
     runs = sorted({run for r in overview for run in (r["run_ids"] or "").split(", ") if run})
     created = [r[k] for r in overview for k in ("first_created_at", "last_created_at") if r[k]]
+    versions = sorted(
+        {v for r in overview for v in r["embeddings_versions"] or [] if v is not None}
+    )
     span = f"{min(created):%Y-%m-%d %H:%M} to {max(created):%Y-%m-%d %H:%M} UTC" if created else "-"
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     models = Table(["model", "side", "layers in results", "init", "catalog"], [])
@@ -64,11 +67,20 @@ def _header(data: ReportData) -> str:
         ("lake", data.lake),
         ("datasets", ", ".join(datasets)),
         ("run ids", ", ".join(runs)),
+        (
+            "embeddings versions",
+            ", ".join(map(str, versions)) + " (read them with vlray sql --as-of VERSION)"
+            if versions
+            else "not recorded",
+        ),
         ("results", f"computed {span}"),
         ("report", f"generated {now}"),
     ]
     dl = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items)
-    studies = Table(["study", "dataset", "model pairs", "metrics", "scores", "run ids"], [])
+    studies = Table(
+        ["study", "dataset", "model pairs", "metrics", "scores", "embeddings version", "run ids"],
+        [],
+    )
     for r in overview:
         studies.rows.append(
             [
@@ -77,12 +89,13 @@ def _header(data: ReportData) -> str:
                 str(r["model_pairs"]),
                 str(r["metrics"]),
                 str(r["scores"]),
+                ", ".join(str(v) for v in r["embeddings_versions"] or [] if v is not None) or "-",
                 r["run_ids"] or "",
             ]
         )
     for study in STUDY_TITLES:
         if not data.has(study):
-            studies.rows.append([study, "-", "-", "-", "-", "not run"])
+            studies.rows.append([study, "-", "-", "-", "-", "-", "not run"])
     return (
         f'<dl class="header">{dl}</dl>\n<h3>Models</h3>{_table(models)}'
         f"\n<h3>Studies</h3>{_table(studies)}"

@@ -1,0 +1,105 @@
+"""Two `vlray extract` processes on one s3:// lake at the same moment, as two nodes would run:
+no lock, every write is a Delta transaction. Different models both land; two runs of the
+same model never mix: the partition holds the rows of the run that committed last, whole."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from vlray.lake import Lake
+
+from .test_faults import (
+    assert_complete,
+    partition_run_ids,
+    run_id_of,
+    start_extract,
+    tail,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+VISION, LANGUAGE = "tiny_vit_random", "tiny_gpt2_random"
+
+
+def _run_together(runs: list[tuple[str, Path]], lake: str) -> list[str]:
+    """Start ``(config, log)`` runs back to back, wait for all; each must exit 0. Returns
+    their output."""
+    procs = [start_extract(config, lake, log) for config, log in runs]
+    try:
+        for proc, (_, log) in zip(procs, runs, strict=True):
+            assert proc.wait(timeout=780) == 0, tail(log)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [log.read_text(errors="replace") for _, log in runs]
+
+
+def _run_id(output: str) -> str:
+    return re.search(r"^extract (\S+): ", output, re.M).group(1)
+
+
+def _computed(output: str, model: str) -> bool:
+    """Whether the run embedded ``model`` (else its summary says it was up to date)."""
+    line = re.search(rf"^\s+shapes\s+{model}\s+(.*)$", output, re.M)
+    assert line, output[-3000:]
+    assert "items" in line.group(1) or "up to date" in line.group(1), line.group(0)
+    return "up to date" not in line.group(1)
+
+
+def _items_run_ids(lake: str) -> set[str]:
+    return {run_id_of(uri) for uri in Lake(lake).table("items").file_uris()}
+
+
+def test_two_runs_of_different_models_both_land(ray_session, s3_lake, tmp_path):
+    outputs = _run_together(
+        [
+            (write_config(tmp_path / "vision.yaml", [VISION]), tmp_path / "vision.log"),
+            (write_config(tmp_path / "language.yaml", [LANGUAGE]), tmp_path / "language.log"),
+        ],
+        s3_lake,
+    )
+    vision_run, language_run = (_run_id(o) for o in outputs)
+    assert _computed(outputs[0], VISION) and _computed(outputs[1], LANGUAGE)
+
+    # Both models' partitions, each whole, from its own run; no (item, layer, pooling) twice;
+    # the items, which both runs wrote at once, are one run's, each item once.
+    assert_complete(s3_lake, [VISION, LANGUAGE])
+    runs = partition_run_ids(s3_lake)
+    for model, run in ((VISION, vision_run), (LANGUAGE, language_run)):
+        owners = [r for (m, _), r in runs.items() if m == model]
+        assert owners and all(r == {run} for r in owners), (model, run, owners)
+    assert len(_items_run_ids(s3_lake)) == 1
+
+
+def test_two_runs_of_one_model_never_mix(ray_session, s3_lake, tmp_path):
+    """Both runs start on a fresh lake, so each finds the partitions missing and computes
+    them (a run slowed down past the other's commit finds them done and says so). The later
+    commit replaces the earlier one's files in the same transaction, or, when it was
+    overtaken between reading the table and committing, retries against the new version."""
+    config = write_config(tmp_path / "run.yaml", [VISION])
+    outputs = _run_together(
+        [(config, tmp_path / "one.log"), (config, tmp_path / "two.log")], s3_lake
+    )
+    run_ids = [_run_id(o) for o in outputs]
+    computed = {r for r, o in zip(run_ids, outputs, strict=True) if _computed(o, VISION)}
+    assert computed, outputs
+
+    # Every run that computed committed once; the last commit's run owns every partition.
+    history = Lake(s3_lake).table("embeddings").history()
+    commits = sorted(
+        (e["version"], e["vlray.run_id"]) for e in history if e.get("vlray.model") == VISION
+    )
+    assert sorted(r for _, r in commits) == sorted(computed), commits
+    last = commits[-1][1]
+    runs = partition_run_ids(s3_lake)
+    assert runs and all(r == {last} for r in runs.values()), runs
+    # Rows equal the manifest's, and the newest record is the last run's (checked here).
+    assert_complete(s3_lake, [VISION])
+    assert {r["run_id"] for r in Lake(s3_lake).manifest().to_pylist()} == {last}
+    assert len(_items_run_ids(s3_lake)) == 1

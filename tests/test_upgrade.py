@@ -1,0 +1,276 @@
+"""`vlray lake upgrade`: a lake written by vlray 0.1 (plain Parquet, `_manifest/`) becomes Delta
+tables in place, with the same rows and no re-embedding, and the upgrade can be re-run.
+
+tests/data/lake-v0.1 is a real 0.1 lake, made by the code of commit 1672374 from the run config
+tests/data/lake-v0.1.yaml (two tiny random models of tests/data/lake-v0.1-catalog.yaml, a
+shapes world of two scenes), extract then a quick align:
+
+    git worktree add /tmp/vlray-old 1672374
+    mkdir -p /tmp/vlray-old/tests/data
+    cp tests/data/lake-v0.1.yaml tests/data/lake-v0.1-catalog.yaml /tmp/vlray-old/tests/data/
+    cd /tmp/vlray-old   # not the new checkout: `python -m` puts the working directory first
+    export PYTHONPATH=/tmp/vlray-old HF_HUB_OFFLINE=1
+    /work/main/.venv/bin/python -m vlray.cli extract --config tests/data/lake-v0.1.yaml \\
+        --lake /tmp/oldlake/lake
+    /work/main/.venv/bin/python -m vlray.cli align --config tests/data/lake-v0.1.yaml \\
+        --lake /tmp/oldlake/lake
+    cp -r /tmp/oldlake/lake tests/data/lake-v0.1   # from the new checkout
+    git worktree remove --force /tmp/vlray-old
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from vlray.cli import main
+from vlray.lake import Lake, LakeError
+from vlray.lake import upgrade as upgrade_module
+from vlray.sql import connect, run_query
+
+DATA = Path(__file__).parent / "data"
+OLD_LAKE = DATA / "lake-v0.1"
+CONFIG = DATA / "lake-v0.1.yaml"
+OLD_FILE = re.compile(
+    r"(^|/)(_manifest/|_lock$|_staging/|_trash/|items/dataset=[^/]+/part-\d{5}\.parquet$"
+    r"|embeddings/dataset=[^/]+/model=[^/]+/perturbation=[^/]+/part-L\d{3}-[^/]*\.parquet$"
+    r"|(quarantine|trials|concepts)/dataset=[^/]+/part-(0|source|model-[^/]*)\.parquet$"
+    r"|results/alignment/study=[^/]+/part-[^/]*--[^/]*\.parquet$)"
+)
+EMBEDDING_KEY = ["model", "perturbation", "layer", "pooling", "item_id"]
+
+
+@pytest.fixture
+def old_lake(tmp_path) -> Path:
+    """A copy of the 0.1 lake, with what killed 0.1 runs leave: a dead run's lock, staging."""
+    lake = tmp_path / "lake"
+    shutil.copytree(OLD_LAKE, lake)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (lake / "_lock").write_text(
+        json.dumps({"run_id": "dead", "host": os.uname().nodename, "pid": dead.pid})
+    )
+    (lake / "_staging" / "dead" / "files").mkdir(parents=True)
+    (lake / "_staging" / "dead" / "files" / "x.parquet").write_bytes(b"PAR1")
+    return lake
+
+
+def files(lake: Path) -> list[str]:
+    return sorted(str(p.relative_to(lake)) for p in lake.rglob("*") if p.is_file())
+
+
+def old_embeddings(lake: Path) -> list[tuple]:
+    """The embeddings rows of a 0.1 lake, read file by file as 0.1 laid them out."""
+    rows = []
+    for path in sorted((lake / "embeddings").rglob("part-L*.parquet")):
+        values = {
+            k: unquote(v)
+            for k, v in (p.split("=", 1) for p in path.parent.relative_to(lake).parts[1:])
+        }
+        for r in pq.read_table(path).to_pylist():
+            rows.append(
+                (
+                    values["model"],
+                    values["perturbation"],
+                    r["layer"],
+                    r["pooling"],
+                    r["item_id"],
+                    tuple(r["embedding"]),
+                )
+            )
+    return sorted(rows)
+
+
+def old_manifest(lake: Path) -> dict[tuple, dict]:
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((lake / "_manifest").iterdir()))
+    return {(r["dataset"], r["model"], r["perturbation"]): r for r in table.to_pylist()}
+
+
+def new_embeddings(lake: str) -> list[tuple]:
+    con = connect(lake)
+    table = run_query(con, f"SELECT {', '.join(EMBEDDING_KEY)}, embedding FROM embeddings")
+    return sorted((*r[:5], tuple(r[5])) for r in zip(*table.to_pydict().values(), strict=True))
+
+
+def new_rows_schema(name: str) -> pa.Schema:
+    from vlray.items import EXTRA_TABLES
+
+    return EXTRA_TABLES[name]
+
+
+def upgrade_cli(lake: str, capsys) -> str:
+    capsys.readouterr()
+    assert main(["lake", "upgrade", "--lake", lake]) == 0
+    return capsys.readouterr().out
+
+
+def assert_upgraded(lake: Path, before: list[tuple], manifest: dict[tuple, dict]) -> None:
+    """Same embeddings and manifest as the 0.1 lake, and no 0.1 file left."""
+    assert new_embeddings(str(lake)) == before
+    records = Lake(str(lake)).manifest().to_pylist()
+    assert {(r["dataset"], r["model"], r["perturbation"]): r["rows"] for r in records} == {
+        k: r["rows"] for k, r in manifest.items()
+    }
+    assert [f for f in files(lake) if OLD_FILE.search(f)] == []
+
+
+def test_a_0_1_lake_is_refused_until_upgraded_then_reads_the_same(old_lake, capsys):
+    lake = str(old_lake)
+    before, manifest = old_embeddings(old_lake), old_manifest(old_lake)
+    items = pa.concat_tables(pq.read_table(p) for p in (old_lake / "items").rglob("*.parquet"))
+    fingerprint = pq.read_schema(next((old_lake / "items").rglob("*.parquet"))).metadata[
+        b"vlray.items_fingerprint"
+    ]
+    results = {
+        p.parent.name: (pq.read_table(p), pq.read_schema(p).metadata[b"vlray.inputs_hash"])
+        for p in (old_lake / "results").rglob("*.parquet")
+    }
+    assert before and manifest and results
+
+    with pytest.raises(LakeError, match=r"vlray lake upgrade --lake"):
+        connect(lake)
+
+    out = upgrade_cli(lake, capsys)
+    assert "embeddings   2 (dataset, model) job(s), 13 partition(s): 1704 rows" in out
+    assert "embeddings_version is null" in out
+    assert out.rstrip().splitlines()[-1].startswith("upgrade: done")
+    assert not (old_lake / "_manifest").exists()
+    assert not (old_lake / "_lock").exists() and not (old_lake / "_staging").exists()
+    assert_upgraded(old_lake, before, manifest)
+
+    # The manifest: 0.1's records, layer names as lists, the items each partition was
+    # computed from (the second half of its config hash), the version that holds it.
+    new = Lake(lake)
+    versions = {
+        e["version"]: e for e in new.table("embeddings").history() if e.get("vlray.upgrade")
+    }
+    for r in new.manifest().to_pylist():
+        old = manifest[(r["dataset"], r["model"], r["perturbation"])]
+        assert r["layer_names"] == json.loads(old["layer_names"])
+        assert r["config_hash"] == old["config_hash"] and r["created_at"] == old["created_at"]
+        assert r["items_fingerprint"] == old["config_hash"].split("-")[1]
+        assert versions[r["embeddings_version"]]["vlray.model"] == r["model"]
+        assert r["init"] is None  # models of a user catalog the upgrade does not see
+
+    # Items carry the fingerprint as a column; results their inputs hash, version unknown.
+    stored = new.read_items("shapes")
+    assert stored.num_rows == items.num_rows
+    assert set(stored["items_fingerprint"].to_pylist()) == {fingerprint.decode()}
+    assert new.items_fingerprint("shapes") == fingerprint.decode()
+    for study, (table, inputs_hash) in results.items():
+        rows = new.read("alignment", {"study": study.split("=", 1)[1]})
+        assert rows.num_rows == table.num_rows
+        assert set(rows["inputs_hash"].to_pylist()) == {inputs_hash.decode()}
+        assert rows["embeddings_version"].null_count == rows.num_rows
+    for name in ("trials", "concepts"):
+        old_rows = pq.read_table(OLD_LAKE / name / "dataset=shapes" / "part-0.parquet")
+        assert new.read_table_for("shapes", name).equals(old_rows.cast(new_rows_schema(name)))
+
+    # A second upgrade finds nothing to do and changes nothing.
+    listing = files(old_lake)
+    out = upgrade_cli(lake, capsys)
+    assert out.strip().splitlines() == [
+        f"the lake {lake} is already in the current layout (Delta tables); nothing to upgrade"
+    ]
+    assert files(old_lake) == listing
+
+
+def test_an_upgrade_killed_before_a_commit_completes_when_run_again(old_lake, capsys, monkeypatch):
+    before, manifest = old_embeddings(old_lake), old_manifest(old_lake)
+    commit = upgrade_module.delta.commit_files
+    calls = []
+
+    def dies_at_the_second_model(store, spec, adds, replace, metadata=None):
+        calls.append(spec.name)
+        if calls.count("embeddings") == 2:
+            raise KeyboardInterrupt  # killed, with the second model's files written
+        return commit(store, spec, adds, replace, metadata)
+
+    monkeypatch.setattr(upgrade_module.delta, "commit_files", dies_at_the_second_model)
+    with pytest.raises(KeyboardInterrupt):
+        list(upgrade_module.upgrade(Lake(str(old_lake))))
+    monkeypatch.undo()
+    assert (old_lake / "_manifest").exists()
+    with pytest.raises(LakeError, match="vlray lake upgrade"):
+        connect(str(old_lake))
+
+    out = upgrade_cli(str(old_lake), capsys)
+    assert "1 job(s) already converted by an earlier, interrupted upgrade" in out
+    assert "items        already converted" in out
+    assert_upgraded(old_lake, before, manifest)
+    assert len(Lake(str(old_lake)).read("manifest")) == len(manifest)  # no record twice
+
+
+def test_an_upgrade_killed_while_deleting_the_old_files_completes(old_lake, capsys, monkeypatch):
+    before, manifest = old_embeddings(old_lake), old_manifest(old_lake)
+    delete = upgrade_module._delete_file
+    deleted = []
+
+    def dies_halfway(store, path):
+        if len(deleted) == 10:
+            raise KeyboardInterrupt
+        deleted.append(path)
+        delete(store, path)
+
+    monkeypatch.setattr(upgrade_module, "_delete_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        list(upgrade_module.upgrade(Lake(str(old_lake))))
+    monkeypatch.undo()
+
+    out = upgrade_cli(str(old_lake), capsys)
+    assert "embeddings   2 (dataset, model) job(s)" in out and "already converted" in out
+    assert_upgraded(old_lake, before, manifest)
+    assert len(Lake(str(old_lake)).read("manifest")) == len(manifest)
+
+
+def _config(tmp_path: Path) -> Path:
+    """The run config the 0.1 lake was made with, its catalog path made absolute."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["catalog"] = [str(DATA / Path(p).name) for p in raw["catalog"]]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_extract_after_the_upgrade_embeds_nothing_again(ray_session, old_lake, tmp_path, capsys):
+    from vlray.config import load_config
+    from vlray.pipeline import run_extract
+
+    upgrade_cli(str(old_lake), capsys)
+    version = Lake(str(old_lake)).version()
+    config = load_config(_config(tmp_path))
+    summary = run_extract(config, str(old_lake))
+    assert [(r.model, r.skipped) for r in summary.results] == [
+        (name, True) for name in config.models
+    ], summary.lines()
+    assert all("up to date" in line for line in summary.lines()[:-1])
+    assert Lake(str(old_lake)).version() == version  # not one commit to the embeddings
+
+
+def test_an_s3_lake_is_upgraded_in_place(s3_endpoint, capsys):
+    bucket = s3_endpoint.new_bucket()
+    client = s3_endpoint.client()
+    for path in OLD_LAKE.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"vl/{path.relative_to(OLD_LAKE)}")
+    lake = f"s3://{bucket}/vl"
+    with pytest.raises(LakeError, match="vlray lake upgrade"):
+        connect(lake)
+
+    out = upgrade_cli(lake, capsys)
+    assert "upgrade: done" in out
+    assert new_embeddings(lake) == old_embeddings(OLD_LAKE)
+    keys = s3_endpoint.keys(bucket, "vl/")
+    assert [k for k in keys if OLD_FILE.search(k[len("vl/") :])] == []
+    assert "already in the current layout" in upgrade_cli(lake, capsys)
