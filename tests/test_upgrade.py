@@ -142,7 +142,7 @@ def test_a_0_1_lake_is_refused_until_upgraded_then_reads_the_same(old_lake, caps
 
     out = upgrade_cli(lake, capsys)
     assert "embeddings   2 (dataset, model) job(s), 13 partition(s): 1704 rows" in out
-    assert "embeddings_version is null" in out
+    assert "embeddings_version left null" in out
     assert out.rstrip().splitlines()[-1].startswith("upgrade: done")
     assert not (old_lake / "_manifest").exists()
     assert not (old_lake / "_lock").exists() and not (old_lake / "_staging").exists()
@@ -248,14 +248,15 @@ def test_extract_after_the_upgrade_embeds_nothing_again(ray_session, old_lake, t
     from vlray.pipeline import run_extract
 
     upgrade_cli(str(old_lake), capsys)
-    version = Lake(str(old_lake)).version()
+    lake = Lake(str(old_lake))
+    versions = (lake.version(), lake.version("items"))
     config = load_config(_config(tmp_path))
     summary = run_extract(config, str(old_lake))
     assert [(r.model, r.skipped) for r in summary.results] == [
         (name, True) for name in config.models
     ], summary.lines()
     assert all("up to date" in line for line in summary.lines()[:-1])
-    assert Lake(str(old_lake)).version() == version  # not one commit to the embeddings
+    assert (lake.version(), lake.version("items")) == versions  # not one commit
 
 
 def test_an_s3_lake_is_upgraded_in_place(s3_endpoint, capsys):
@@ -274,3 +275,48 @@ def test_an_s3_lake_is_upgraded_in_place(s3_endpoint, capsys):
     keys = s3_endpoint.keys(bucket, "vl/")
     assert [k for k in keys if OLD_FILE.search(k[len("vl/") :])] == []
     assert "already in the current layout" in upgrade_cli(lake, capsys)
+
+
+def test_a_live_0_1_run_holding_the_lock_is_not_upgraded_under(old_lake):
+    (old_lake / "_lock").write_text(
+        json.dumps({"run_id": "r1", "host": os.uname().nodename, "pid": os.getpid()})
+    )
+    with pytest.raises(LakeError, match=r"locked by vlray 0.1 run r1 .*delete .*_lock"):
+        list(upgrade_module.upgrade(Lake(str(old_lake))))
+    assert (old_lake / "_manifest").exists() and not (old_lake / "items" / "_delta_log").exists()
+
+
+def test_a_partition_the_manifest_never_recorded_is_dropped(old_lake, capsys):
+    """0.1 moved a partition into place before recording it: a killed run could leave one
+    unrecorded (on an object store, half copied). It was never committed; it goes."""
+    before, manifest = old_embeddings(old_lake), old_manifest(old_lake)
+    model = old_lake / "embeddings" / "dataset=shapes" / "model=micro_vit_random"
+    shutil.copytree(model / "perturbation=none", model / "perturbation=half%2Fcopied")
+    out = upgrade_cli(str(old_lake), capsys)
+    assert "1 partition folder(s) with no manifest record" in out
+    assert_upgraded(old_lake, before, manifest)
+
+
+def test_init_is_the_catalogs_when_the_spec_that_computed_it_is_unchanged():
+    from vlray.catalog import load_catalog
+
+    catalog = load_catalog()
+    spec = catalog["tiny_vit_random"]
+    old = {
+        "dataset": "shapes",
+        "model": "tiny_vit_random",
+        "perturbation": "none",
+        "config_hash": f"{spec.fingerprint()}-0123456789abcdef",
+        "layer_names": '["blocks.0"]',
+    }
+    record = upgrade_module._new_record(old, {"shapes": "f" * 16}, catalog, 3)
+    assert (record["init"], record["items_fingerprint"]) == ("random", "0123456789abcdef")
+    assert (record["layer_names"], record["embeddings_version"]) == (["blocks.0"], 3)
+    changed = upgrade_module._new_record(
+        {**old, "config_hash": "0" * 16 + "-0123456789abcdef"}, {}, catalog, 3
+    )
+    assert changed["init"] is None
+    whole = upgrade_module._new_record(
+        {**old, "config_hash": "legacy"}, {"shapes": "f" * 16}, {}, 3
+    )
+    assert (whole["init"], whole["items_fingerprint"]) == (None, "f" * 16)

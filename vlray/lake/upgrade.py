@@ -152,8 +152,8 @@ def upgrade(lake: Lake) -> Iterator[str]:
         + (f" and {', '.join(removed)}" if removed else "")
     )
     yield (
-        f"upgrade: done; {lake.uri} is in the Delta layout of vlray {code_version()} "
-        "(`vlray lake history --lake ...` lists its commits)"
+        f"upgrade: done; {lake.uri} is Delta tables now (`vlray lake history --lake "
+        f"{lake.uri}` lists the embeddings commits)"
     )
 
 
@@ -459,11 +459,11 @@ def _embeddings(store: Storage, old: _Old, items_fps: dict[str, str]) -> Iterato
             )
         versions.append(version)
         if unit not in done_manifest:
-            rows = [_new_record(r, items_fps, catalog, version) for r in job]
+            new_records = [_new_record(r, items_fps, catalog, version) for r in job]
             delta.replace_rows(
                 store,
                 manifest_spec,
-                pa.Table.from_pylist(rows, MANIFEST_SCHEMA),
+                pa.Table.from_pylist(new_records, MANIFEST_SCHEMA),
                 None,
                 _meta(unit),
             )
@@ -481,8 +481,8 @@ def _embeddings(store: Storage, old: _Old, items_fps: dict[str, str]) -> Iterato
     yield _line("embeddings", text, False)
     yield _line(
         "manifest",
-        f"{len(records)} record(s), the newest of each partition; init taken from the catalog "
-        "where the model's spec is unchanged",
+        f"{len(records)} record(s), the newest of each partition (init from the catalog "
+        "where the model's spec is unchanged)",
         False,
     )
     if orphans:
@@ -526,9 +526,9 @@ def _results(store: Storage, old: _Old) -> Iterator[str]:
     if not skipped:
         yield _line(
             "",
-            "their embeddings_version is null: which embeddings version 0.1's results were "
-            "computed from is unknown (their inputs hash still lets `vlray refresh` tell "
-            "current results from stale ones)",
+            "embeddings_version left null: which embeddings 0.1's scores were computed from "
+            "is unknown\n               (their inputs hash still lets `vlray refresh` tell "
+            "current scores from stale ones)",
             False,
         )
     if unhashed:
