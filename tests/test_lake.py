@@ -20,8 +20,7 @@ from deltalake import DeltaTable
 
 from vlray.cli import main
 from vlray.config import validate_config
-from vlray.lake import TABLES, Lake, LakeError
-from vlray.lake import delta
+from vlray.lake import MANIFEST_SCHEMA, TABLES, Lake, LakeError, delta, manifest_record
 from vlray.pipeline import run_extract
 from vlray.sql import connect, run_query
 
@@ -159,6 +158,50 @@ def test_a_commit_overtaken_by_a_concurrent_one_is_retried_and_wins_whole(
 
 def _names(paths) -> set[str]:
     return {os.path.basename(p) for p in paths}
+
+
+def test_a_commit_returns_its_own_version_and_the_manifest_follows_the_commits(
+    tmp_path, monkeypatch
+):
+    """A commit reports the version it made, even when another writer committed right after
+    it; and a partition's manifest record is that of its last commit (whose files are the
+    visible ones) even when the runs' records were appended the other way round."""
+    import datetime as dt
+
+    lake = Lake(str(tmp_path / "lake"))
+    real = DeltaTable.create_write_transaction
+
+    def followed(self, actions, *args, **kwargs):
+        real(self, actions, *args, **kwargs)
+        monkeypatch.setattr(DeltaTable, "create_write_transaction", real)
+        lake.commit_embeddings(
+            "d", "m2", _write(lake, "o", 1, "other", "m2"), [_record("m2", 2, 1)], "other"
+        )
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", followed)
+    first = lake.commit_embeddings(
+        "d", "m", _write(lake, "a", 3, "run1"), [_record("m", 6, 3)], "run1"
+    )
+    assert first == lake.version() - 1
+    assert lake.partitions("d", "m")["none"]["embeddings_version"] == first
+
+    # Run 1's record is made late (its process stalled after its commit), so it is the newer
+    # by created_at; run 2 committed after it and owns the partition.
+    late = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    lake.commit_embeddings("d", "m", _write(lake, "b", 2, "run2"), [_record("m", 4, 2)], "run2")
+    record = {**_record("m", 6, 3), "created_at": late}
+    delta.replace_rows(
+        lake.storage,
+        TABLES["manifest"],
+        pa.Table.from_pylist(
+            [manifest_record(**record, embeddings_version=first, run_id="run1")], MANIFEST_SCHEMA
+        ),
+        None,
+    )
+    assert lake.partitions("d", "m")["none"]["run_id"] == "run2"
+    sql = "SELECT run_id, rows FROM manifest WHERE model = 'm'"
+    assert run_query(connect(lake), sql).to_pylist() == [{"run_id": "run2", "rows": 4}]
+    assert _sql_count(lake) == 4
 
 
 def test_a_lake_that_cannot_be_written_is_a_clear_error(tmp_path, capsys):

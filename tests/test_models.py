@@ -20,7 +20,7 @@ from vlray.models import (
 
 
 def _photo(name: str, size: int, crop: bool = False) -> np.ndarray:
-    """A scikit-image photo as model input: full frame resized (DESIGN.md's check), or the
+    """A scikit-image photo as model input: full frame resized (the packaged weights' check), or the
     model's eval transform (resize to size/0.875, centre crop) that extraction uses."""
     from skimage import data
 

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from PIL import Image
@@ -164,6 +165,42 @@ def test_polars_and_duckdb_read_the_whole_embeddings_table(small_lake):
     glob = f"{lake}/embeddings/**/*.parquet"
     n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true)")
     assert n.fetchall()[0][0] == expected  # a fresh lake: every file is in the current version
+
+
+def test_sql_as_of_reads_the_lake_as_it_was(small_lake, tmp_path, capsys):
+    """`--as-of VERSION` shows every table as it was while that embeddings version was the
+    latest: a model committed after it is in neither the embeddings nor the manifest."""
+    from vlray.lake import TABLES
+    from vlray.lake.delta import write_file
+
+    lake_uri = str(tmp_path / "lake")
+    shutil.copytree(small_lake[0], lake_uri)
+    lake = Lake(lake_uri)
+    before = lake.version()
+    rows = pa.table(
+        {
+            "item_id": ["a", "b"],
+            "modality": ["text", "text"],
+            "pooling": ["mean", "mean"],
+            "embedding": pa.array([[1.0, 0.0], [0.0, 1.0]], pa.list_(pa.float32())),
+        }
+    )
+    partition = {"dataset": "shapes", "model": "late_model", "perturbation": "none", "layer": 0}
+    add = write_file(lake.storage, TABLES["embeddings"], rows, partition, "late")
+    record = {"dataset": "shapes", "model": "late_model", "perturbation": "none", "rows": 2}
+    assert lake.commit_embeddings("shapes", "late_model", [add], [record], "late") == before + 1
+
+    query = (
+        "SELECT (SELECT count(*) FROM embeddings WHERE model = 'late_model') AS rows,"
+        " (SELECT count(*) FROM manifest WHERE model = 'late_model') AS records"
+    )
+    for as_of, expected in ((str(before), 0), (str(before + 1), 1), (None, 1)):
+        argv = ["sql", "--lake", lake_uri, "--format", "json", query]
+        assert main(argv + (["--as-of", as_of] if as_of else [])) == 0
+        got = json.loads(capsys.readouterr().out)[0]
+        assert got == {"rows": 2 * expected, "records": expected}, (as_of, got)
+    assert main(["sql", "--lake", lake_uri, "--as-of", "last week", query]) == 2
+    assert "--as-of expects a version" in capsys.readouterr().err
 
 
 # A value for each `$name` parameter the named queries take, as `vlray sql --param` passes it.

@@ -158,6 +158,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench.print_rows(
                 [bench.bench_knn_memory(n=args.large_n, dim=args.dim, layers=args.layers)]
             )
+    elif args.what == "lake":
+        from vlray.bench.lake import run
+
+        bench.print_rows(run(args.models.split(",") if args.models else None, args.s3))
     else:
         _bench_extract(args)
     return 0
@@ -426,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.set_defaults(func=cmd_refresh, manifest=None, models=None)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured side by side")
-    bench.add_argument("what", choices=("metrics", "extract"))
+    bench.add_argument("what", choices=("metrics", "extract", "lake"))
     bench.add_argument(
         "--n", type=int, help="items (metrics: 2048; extract: 40,000 on a GPU, 256 on a CPU)"
     )
@@ -441,7 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also one mutual_knn grid at this n, reporting peak GPU memory",
     )
     bench.add_argument("--repeats", type=int, help="metrics: best of this many (GPU: 3)")
-    bench.add_argument("--models", help="extract: catalog names (default: base-size on GPU)")
+    bench.add_argument(
+        "--models", help="extract, lake: catalog names (extract default: base-size on GPU)"
+    )
+    bench.add_argument(
+        "--s3", help="lake: an s3:// lake URI to measure (default: a local moto S3 server)"
+    )
     bench.add_argument("--batch-size", type=int, help="extract: the pipeline's batch size")
     bench.add_argument("--batch-sizes", help="extract: model-only batch sizes to try, e.g. 256,512")
     bench.add_argument("--seconds", type=float, default=2.0, help="extract: time per rate")

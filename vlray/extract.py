@@ -100,6 +100,7 @@ class ModelResult:
     partitions: list[str] = field(default_factory=list)
     skipped: bool = False
     seconds: float = 0.0
+    commit_seconds: float = 0.0  # quarantine merge, embeddings transaction and manifest rows
 
 
 # --- Stage 1 (CPU tasks): read and check or decode images; tokenise texts ----------------------
@@ -727,6 +728,7 @@ def extract_model(
         adds += r["adds"]
         if r["quarantine"] is not None:
             refused.append(r["quarantine"])
+    committing = time.time()
     quarantine = _quarantine_rows(refused, dataset, spec.name, modality)
     result.quarantined = quarantine.num_rows
     lake.merge_quarantine(dataset, spec.name, quarantine, todo, run_id)
@@ -754,6 +756,7 @@ def extract_model(
         ],
         run_id,
     )
+    result.commit_seconds = time.time() - committing
     result.partitions = list(todo)
     result.rows = sum(rows.values())
     result.items = sum(n_items.values())

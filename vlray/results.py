@@ -1,4 +1,4 @@
-"""The results table ``alignment``: long format, one row per score (see DESIGN.md)."""
+"""The results table ``alignment``: long format, one row per score (README, "The five studies")."""
 
 from __future__ import annotations
 

@@ -250,11 +250,13 @@ class Lake:
         return version
 
     def manifest(self) -> pa.Table:
-        """Every committed partition, the newest record per (dataset, model, perturbation)."""
+        """Every committed partition, the newest record per (dataset, model, perturbation):
+        that of the latest embeddings version, whose files are the ones visible (two runs'
+        records may be appended in the other order than their commits)."""
         table = self.read("manifest")
         if table.num_rows == 0:
             return MANIFEST_SCHEMA.empty_table()
-        table = table.sort_by([("created_at", "descending")])
+        table = table.sort_by([("embeddings_version", "descending"), ("created_at", "descending")])
         keys = zip(
             *(table[c].to_pylist() for c in ("dataset", "model", "perturbation")), strict=True
         )

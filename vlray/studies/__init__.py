@@ -1,4 +1,4 @@
-"""The five studies of DESIGN.md, each one module with ``run(inputs, run_id) -> rows``.
+"""The five studies (README: "The five studies"), one module each: ``run(inputs, run_id)``.
 
 ==================  =========================================================================
 study               question (paper)
