@@ -3,7 +3,13 @@
 extraction and alignment jobs through `ray job submit --working-dir` (the repository is
 uploaded and the jobs run in it), and the lake they leave checked with SQL.
 
-The cluster is this test's own: its own ports, temp dir and auth token. It is stopped by the
+The nodes share nothing but the object store: the lake is `s3://` on the session's S3
+endpoint (each node reaches it through the AWS environment it was started with), each node
+has its own temp dirs (Ray's, and TMPDIR for everything else), and the run config travels with
+the job submission (an environment variable of the job's runtime env, written to a node-local
+file by the entrypoint), not through a shared path.
+
+The cluster is this test's own: its own ports, temp dirs and auth token. It is stopped by the
 process ids it started (SIGTERM to each `ray start --block`, which takes its node's processes
 down with it; then SIGKILL to any of their descendants still alive), never with `ray stop`,
 which would also stop the test session's cluster and any other Ray on the machine.
@@ -29,6 +35,7 @@ import ray
 import yaml
 
 from vlray.catalog import get_spec
+from vlray.lake import Lake
 from vlray.sql import connect, named_query, run_query
 
 from .conftest import small_config
@@ -41,6 +48,11 @@ MODELS = ["tiny_vit_random", "tiny_gpt2_random"]
 # Uploaded with the jobs: the repository less .gitignore'd paths and Ray's default excludes
 # (.git, .venv, __pycache__); .devassets is a local folder only .git/info/exclude names.
 RUNTIME_ENV = {"excludes": [".devassets"]}
+# The entrypoint's wrapper: the run config (VLRAY_RUN_CONFIG, from the job's runtime env) into
+# a file in the driver node's own TMPDIR, then the job script with `--config FILE`.
+WITH_CONFIG = (
+    'cfg=$(mktemp) && printf "%s\\n" "$VLRAY_RUN_CONFIG" > "$cfg" && exec "$@" --config "$cfg"'
+)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -121,14 +133,18 @@ _PDEATHSIG_EXEC = (
 
 
 class LocalCluster:
-    """A head node and worker nodes, each a `ray start --block` process of this test's."""
+    """A head node and worker nodes, each a `ray start --block` process of this test's, each
+    with its own temp dirs; ``env`` (an object store's endpoint and credentials) is the
+    environment every node, and so every job and task on it, starts with."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
         # A short root: Ray's unix sockets live under it and their paths are limited to 107
-        # bytes, which pytest's tmp_path plus Ray's session folder names can exceed.
+        # bytes, which pytest's tmp_path plus Ray's session folder names can exceed. Each node
+        # has its own folder under it (ROOT/NAME: Ray's temp dir, ROOT/NAME-tmp: TMPDIR).
         self.root = Path(tempfile.mkdtemp(prefix="vlr", dir="/tmp"))
         self.env = {
             **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)},
+            **(env or {}),
             # Token auth with a token of this cluster's own (set explicitly: a node joining
             # with `ray start --address` does not turn it on from ~/.ray/auth_token).
             "RAY_AUTH_MODE": "token",
@@ -173,9 +189,11 @@ class LocalCluster:
         ]
         log = open(self.root / f"{name}.log", "w")  # open while the node runs
         self._logs.append(log)
+        tmp = self.root / f"{name}-tmp"
+        tmp.mkdir()
         node = subprocess.Popen(
             cmd,
-            env=self.env,
+            env={**self.env, "TMPDIR": str(tmp)},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -240,15 +258,23 @@ class LocalCluster:
     def alive_nodes(self, check: bool = True) -> list[dict]:
         return [n for n in self.state("nodes", check=check) if n["state"] == "ALIVE"]
 
-    def submit(self, submission_id: str, *entrypoint: str, timeout: float = 300) -> str:
-        """`ray job submit` (waits for the job and tails its logs); the job's output."""
+    def submit(
+        self,
+        submission_id: str,
+        *entrypoint: str,
+        env_vars: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> str:
+        """`ray job submit` (waits for the job and tails its logs); the job's output.
+        ``env_vars`` go into the job's runtime env (its driver and every task of it)."""
+        runtime_env = {**RUNTIME_ENV, "env_vars": env_vars or {}}
         out = self.ray(
             "job",
             "submit",
             f"--address={self.dashboard}",
             f"--submission-id={submission_id}",
             f"--working-dir={ROOT}",
-            f"--runtime-env-json={json.dumps(RUNTIME_ENV)}",
+            f"--runtime-env-json={json.dumps(runtime_env)}",
             "--",
             *entrypoint,
             timeout=timeout,
@@ -289,8 +315,8 @@ class LocalCluster:
 
 
 @pytest.fixture
-def local_cluster():
-    cluster = LocalCluster()
+def local_cluster(s3_endpoint):
+    cluster = LocalCluster(env=s3_endpoint.env)
     try:
         cluster.start(workers=1)
         yield cluster
@@ -302,26 +328,38 @@ def _scalar(con, query: str):
     return run_query(con, query).to_pylist()[0]["n"]
 
 
-def test_jobs_submitted_to_a_two_node_cluster(ray_session, local_cluster, tmp_path):
+def _lake_paths(root: Path) -> list[str]:
+    """Anything of a lake under the nodes' folders (a Delta log, an embeddings partition),
+    less the copies of the repository the jobs ran in (its test data has a lake)."""
+    return [
+        str(p)
+        for p in root.rglob("*")
+        if (p.name == "_delta_log" or p.name.startswith(("model=", "layer=")))
+        and "runtime_resources" not in p.parts
+    ]
+
+
+def test_jobs_submitted_to_a_two_node_cluster(ray_session, s3_endpoint, local_cluster):
     started = time.time()
     cluster = local_cluster
     nodes = cluster.alive_nodes()
     assert len(nodes) == 2 and sum(n["resources_total"]["CPU"] for n in nodes) == 2
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                **small_config(MODELS),
-                "align": {"metrics": ["cka"], "bootstrap": 0, "permutations": 0},
-            }
-        )
+    config = yaml.safe_dump(
+        {
+            **small_config(MODELS),
+            "align": {"metrics": ["cka"], "bootstrap": 0, "permutations": 0},
+        }
     )
-    lake = str(tmp_path / "lake")
-    args = ["--config", str(config), "--lake", lake]
+    bucket = s3_endpoint.new_bucket()
+    lake = f"s3://{bucket}/vl"
+    env_vars = {"VLRAY_RUN_CONFIG": config}
 
     # The venv's interpreter, named: `make test` runs pytest through .venv/bin/python without
     # activating the venv, so a bare `python` on the job's PATH would lack vlray's packages.
-    out = cluster.submit("vlray-extract", sys.executable, "pipelines/extract.py", *args)
+    job = ["sh", "-c", WITH_CONFIG, "sh", sys.executable]
+    out = cluster.submit(
+        "vlray-extract", *job, "pipelines/extract.py", "--lake", lake, env_vars=env_vars
+    )
     assert "2 model run(s)" in out
     print(f"extraction job: {time.time() - started:.0f}s")
     # Ray Data spread the extraction's tasks over both nodes.
@@ -330,9 +368,22 @@ def test_jobs_submitted_to_a_two_node_cluster(ray_session, local_cluster, tmp_pa
     assert {t["node_id"] for t in tasks if t.get("node_id")} == {n["node_id"] for n in nodes}
 
     began = time.time()
-    out = cluster.submit("vlray-align", sys.executable, "pipelines/align.py", *args)
+    out = cluster.submit(
+        "vlray-align", *job, "pipelines/align.py", "--lake", lake, env_vars=env_vars
+    )
     assert "align: 1 model pair(s)" in out
     print(f"alignment job: {time.time() - began:.0f}s")
+
+    # The lake is in the bucket, and nowhere on the nodes.
+    keys = s3_endpoint.keys(bucket, "vl/")
+    for table in ("items", "embeddings", "manifest", "results/alignment"):
+        assert f"vl/{table}/_delta_log/00000000000000000000.json" in keys, table
+    for name in MODELS:
+        assert any(k.startswith(f"vl/embeddings/dataset=shapes/model={name}/") for k in keys)
+    assert not _lake_paths(cluster.root)
+    # The run config reached each job's driver in its node's own TMPDIR, from the submission.
+    configs = [f for f in cluster.root.glob("*-tmp/tmp.*") if f.read_text() == config + "\n"]
+    assert len(configs) == 2, sorted(cluster.root.glob("*-tmp/*"))
 
     con = connect(lake)
     dup = _scalar(
@@ -379,6 +430,13 @@ def test_jobs_submitted_to_a_two_node_cluster(ray_session, local_cluster, tmp_pa
     assert len(scores) == layers[MODELS[0]] * layers[MODELS[1]]
     assert len({(r["vision_layer"], r["language_layer"]) for r in scores}) == len(scores)
     assert all(0 <= r["value"] <= 1 + 1e-6 for r in scores)
+    # Each score records the embeddings table version it read: the one both models are in.
+    store = Lake(lake)
+    history = {e["version"] for e in store.table("embeddings").history()}
+    read = set(
+        store.read("alignment", columns=["embeddings_version"])["embeddings_version"].to_pylist()
+    )
+    assert read == {store.version()} and read <= history
 
     # Stopped by its own process ids: every process it started is gone, and the test
     # session's cluster still runs tasks.

@@ -164,9 +164,9 @@ def test_sql_command_prints_the_lake_rows(s3_run):
     assert printed == {
         m: sum(r["rows"] for r in manifest if r["model"] == m) for m in (VISION, LANGUAGE)
     }
-    # The default table format, and a named query.
-    status, out, err, _ = _vlray("sql", "--lake", uri, "--file", "models_overview")
-    assert status == 0, err
+    # A named query, in the default table format (in this process).
+    status, out = _cli("sql", "--lake", uri, "--file", "models_overview")
+    assert status == 0, out
     assert VISION in out and LANGUAGE in out
 
 
@@ -272,8 +272,9 @@ def _collect(stream, lines: list[str]) -> None:
 
 
 def _embeddings(lake: Lake):
-    rows = lake.read("embeddings", columns=["model", "perturbation", "layer", "item_id", "pooling"])
-    return rows.sort_by([(c, "ascending") for c in rows.column_names])
+    columns = ["model", "perturbation", "layer", "item_id", "pooling", "embedding"]
+    rows = lake.read("embeddings", columns=columns)
+    return rows.sort_by([(c, "ascending") for c in columns[:-1]])
 
 
 def test_endpoint_stopped_mid_run_fails_fast_and_keeps_the_last_version(
@@ -332,10 +333,10 @@ def test_endpoint_stopped_mid_run_fails_fast_and_keeps_the_last_version(
         for reader in readers:
             reader.join(timeout=10)
         err = "".join(err_lines)
-        print(f"\nthe run failed {seconds:.0f}s after the store stopped answering")
         # The first model was up to date; the second failed: the run says so in one line.
         assert proc.returncode == 2, err[-4000:]
         last = [line for line in err_lines if line.strip()][-1]
+        print(f"\nfailed {seconds:.0f}s after the store stopped answering: {last.strip()}")
         assert last.startswith("vlray: error: ") and uri in last, err[-4000:]
         assert LANGUAGE in last, last
         assert len(last) < 600
