@@ -53,12 +53,15 @@ def inputs_hash(
 ) -> str:
     """What a study's scores for a pair depend on: both models' committed partitions (their
     config hashes cover model config and items) and the study's options."""
-    return _inputs_hash(
+    return _inputs_hash(*_inputs(lake, dataset, vision, language), study, options)
+
+
+def _inputs(lake: Lake, dataset: str, vision: str, language: str) -> tuple:
+    """The lake's side of a pair's inputs hash: both models' partitions and the items."""
+    return (
         lake.committed(dataset, vision),
         lake.committed(dataset, language),
         lake.items_fingerprint(dataset),
-        study,
-        options,
     )
 
 
@@ -89,6 +92,7 @@ def align_pair(
     lake = Lake(lake) if isinstance(lake, str) else lake
     v_spec, l_spec = ModelSpec(**vision), ModelSpec(**language)
     inputs = StudyInputs(lake, dataset, v_spec, l_spec, options)
+    inputs_of_pair = _inputs(lake, dataset, v_spec.name, l_spec.name)
     summary = {
         "dataset": dataset,
         "vision_model": v_spec.name,
@@ -111,7 +115,7 @@ def align_pair(
         lake.write_results(
             alignment_table(rows),
             {"study": study, **results_key(dataset, v_spec.name, l_spec.name)},
-            inputs_hash(lake, dataset, v_spec.name, l_spec.name, options, study),
+            _inputs_hash(*inputs_of_pair, study, options),
             run_id,
         )
         summary["studies"][study] = {

@@ -52,7 +52,8 @@ def _s3_options(env: dict[str, str]) -> dict[str, str]:
     # A store without them must set AWS_S3_LOCKING_PROVIDER=dynamodb instead.
     if "AWS_S3_LOCKING_PROVIDER" not in options:
         options.setdefault("AWS_CONDITIONAL_PUT", "etag")
-    # An endpoint that stops answering fails a commit in seconds, not after minutes of retries.
+    # An endpoint that stops answering fails a request after VLRAY_LAKE_TIMEOUT (30 s) and
+    # three retries, not after the clients' much longer defaults.
     options.setdefault("timeout", os.environ.get("VLRAY_LAKE_TIMEOUT", "30s"))
     options.setdefault("connect_timeout", "5s")
     options.setdefault("max_retries", "3")
