@@ -31,16 +31,8 @@ def s3_endpoint(tmp_path_factory):
     `s3://BUCKET/...` lakes (and `vlray` processes started with os.environ) reach it."""
     from . import s3
 
-    endpoint = s3.start(tmp_path_factory.mktemp("s3"))
-    saved = {k: os.environ.get(k) for k in endpoint.env}
-    os.environ.update(endpoint.env)
-    yield endpoint
-    endpoint.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with s3.running(tmp_path_factory.mktemp("s3")) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -2,6 +2,6 @@
 starts one for the session (``s3_endpoint`` in conftest); each test that needs a lake gets its
 own bucket, so tests share nothing but the server."""
 
-from vlray.bench.s3 import ENV, S3Endpoint, free_port, start
+from vlray.bench.s3 import ENV, S3Endpoint, free_port, running, start
 
-__all__ = ["ENV", "S3Endpoint", "free_port", "start"]
+__all__ = ["ENV", "S3Endpoint", "free_port", "running", "start"]

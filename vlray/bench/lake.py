@@ -10,7 +10,6 @@ log is read, nothing is written). Without ``--s3`` the benchmark starts moto's S
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections import Counter
@@ -82,18 +81,8 @@ def local_s3(workdir: Path) -> Iterator[str]:
     """A bucket on a moto server started for the benchmark (AWS_* set while it runs)."""
     from vlray.bench import s3
 
-    endpoint = s3.start(workdir)
-    saved = {k: os.environ.get(k) for k in endpoint.env}
-    os.environ.update(endpoint.env)
-    try:
+    with s3.running(workdir) as endpoint:
         yield f"s3://{endpoint.new_bucket('bench')}/lake"
-    finally:
-        endpoint.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run(models: list[str] | None = None, s3_uri: str | None = None) -> list[dict]:

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +117,21 @@ def start(log_dir: Path) -> S3Endpoint:
                 raise RuntimeError(f"moto_server did not listen on port {port} in 30 s") from None
             time.sleep(0.1)
     return endpoint
+
+
+@contextmanager
+def running(log_dir: Path) -> Iterator[S3Endpoint]:
+    """A started endpoint with the standard AWS environment pointing at it; on exit the
+    environment is restored and the server stopped by its pid."""
+    endpoint = start(log_dir)
+    saved = {k: os.environ.get(k) for k in endpoint.env}
+    os.environ.update(endpoint.env)
+    try:
+        yield endpoint
+    finally:
+        endpoint.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
