@@ -294,3 +294,39 @@ def test_a_full_disk_is_a_clear_error_and_leaves_the_lake_as_it_was(
     assert main(["lake", "vacuum", "--lake", lake_uri, "--retain", "0"]) == 0
     assert not debris & set(lake_files(lake_uri))
     assert lake.read("embeddings").equals(content)
+
+
+def test_optimize_compacts_small_files_and_vacuum_then_deletes_the_old_ones(tmp_path, capsys):
+    """`vlray lake optimize` rewrites a partition's small files as one, in one commit, with
+    the same rows; the replaced files stay for --as-of until `vlray lake vacuum` deletes them."""
+    from vlray.items import items_table, quarantine_table
+
+    uri = str(tmp_path / "lake")
+    lake = Lake(uri)
+    rows = [
+        {
+            "item_id": f"t{i:03d}",
+            "modality": "text",
+            "text": f"a caption {i}",
+            "perturbation": "none",
+        }
+        for i in range(40)
+    ]
+    lake.write_items("small", items_table(rows), quarantine_table([]), "run-1", rows_per_file=4)
+    files = lambda: len(Lake(uri).table("items").file_uris())  # noqa: E731
+    before = lake.read("items").sort_by("item_id")
+    version = lake.version("items")
+    assert files() == 10
+
+    assert main(["lake", "optimize", "--lake", uri]) == 0
+    assert "10 small file(s) compacted into 1" in capsys.readouterr().out
+    assert files() == 1 and lake.version("items") == version + 1
+    assert lake.read("items").sort_by("item_id").equals(before)
+    on_disk = [f for f in lake_files(uri) if "/items/dataset=" in f]
+    assert len(on_disk) == 11  # the replaced files are still there for older versions
+
+    assert main(["lake", "vacuum", "--lake", uri, "--retain", "0"]) == 0
+    assert "deleted 10 file(s)" in capsys.readouterr().out
+    assert [f for f in lake_files(uri) if "/items/dataset=" in f] != on_disk
+    assert len([f for f in lake_files(uri) if "/items/dataset=" in f]) == 1
+    assert lake.read("items").sort_by("item_id").equals(before)
