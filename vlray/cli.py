@@ -374,7 +374,7 @@ def cmd_lake(args: argparse.Namespace) -> int:
         for entry in reversed(table.history() if table is not None else []):
             when = _dt.datetime.fromtimestamp(entry["timestamp"] / 1000, _dt.UTC)
             print(
-                f"{entry['version']:>5}  {when:%Y-%m-%d %H:%M:%S}Z  {entry['operation']:<8}"
+                f"{entry['version']:>5}  {when:%Y-%m-%d %H:%M:%S}Z  {entry['operation']:<12}"
                 f"  run {entry.get('vlray.run_id', '-')}  {entry.get('vlray.dataset', '')}"
                 f"  {entry.get('vlray.model', '')}"
             )
