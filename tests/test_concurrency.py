@@ -1,4 +1,4 @@
-"""Two `vlray extract` processes on one s3:// lake at the same moment, as two nodes would run:
+"""`vlray extract` processes on one s3:// lake at the same moment, as nodes would run them:
 no lock, every write is a Delta transaction. Different models both land; two runs of the
 same model never mix: the partition holds the rows of the run that committed last, whole."""
 
@@ -56,50 +56,48 @@ def _items_run_ids(lake: str) -> set[str]:
     return {run_id_of(uri) for uri in Lake(lake).table("items").file_uris()}
 
 
-def test_two_runs_of_different_models_both_land(ray_session, s3_lake, tmp_path):
+def test_concurrent_runs_land_whole_and_never_mix(ray_session, s3_lake, tmp_path):
+    """Three runs start at once on a fresh lake: one embeds the language model, two embed the
+    same vision model. Different models both land. Both vision runs find the partitions
+    missing and compute them (a run slowed down past the other's commit finds them done and
+    says so); the later commit replaces the earlier one's files in the same transaction, or,
+    when it was overtaken between reading the table and committing, retries against the new
+    version: the partitions hold one run's rows, whole."""
+    vision = write_config(tmp_path / "vision.yaml", [VISION])
     outputs = _run_together(
         [
-            (write_config(tmp_path / "vision.yaml", [VISION]), tmp_path / "vision.log"),
+            (vision, tmp_path / "vision-1.log"),
             (write_config(tmp_path / "language.yaml", [LANGUAGE]), tmp_path / "language.log"),
+            (vision, tmp_path / "vision-2.log"),
         ],
         s3_lake,
     )
-    vision_run, language_run = (_run_id(o) for o in outputs)
-    assert _computed(outputs[0], VISION) and _computed(outputs[1], LANGUAGE)
-
-    # Both models' partitions, each whole, from its own run; no (item, layer, pooling) twice;
-    # the items, which both runs wrote at once, are one run's, each item once.
-    assert_complete(s3_lake, [VISION, LANGUAGE])
-    runs = partition_run_ids(s3_lake)
-    for model, run in ((VISION, vision_run), (LANGUAGE, language_run)):
-        owners = [r for (m, _), r in runs.items() if m == model]
-        assert owners and all(r == {run} for r in owners), (model, run, owners)
-    assert len(_items_run_ids(s3_lake)) == 1
-
-
-def test_two_runs_of_one_model_never_mix(ray_session, s3_lake, tmp_path):
-    """Both runs start on a fresh lake, so each finds the partitions missing and computes
-    them (a run slowed down past the other's commit finds them done and says so). The later
-    commit replaces the earlier one's files in the same transaction, or, when it was
-    overtaken between reading the table and committing, retries against the new version."""
-    config = write_config(tmp_path / "run.yaml", [VISION])
-    outputs = _run_together(
-        [(config, tmp_path / "one.log"), (config, tmp_path / "two.log")], s3_lake
-    )
     run_ids = [_run_id(o) for o in outputs]
-    computed = {r for r, o in zip(run_ids, outputs, strict=True) if _computed(o, VISION)}
+    assert _computed(outputs[1], LANGUAGE)
+    computed = {
+        r
+        for r, o in zip(run_ids, outputs, strict=True)
+        if o is not outputs[1] and _computed(o, VISION)
+    }
     assert computed, outputs
 
-    # Every run that computed committed once; the last commit's run owns every partition.
+    # Both models whole; no (item, layer, pooling) twice; the items, which every run wrote at
+    # once, are one run's, each item once.
+    assert_complete(s3_lake, [VISION, LANGUAGE])
+    assert len(_items_run_ids(s3_lake)) == 1
+    runs = partition_run_ids(s3_lake)
+    owners = [r for (m, _), r in runs.items() if m == LANGUAGE]
+    assert owners and all(r == {run_ids[1]} for r in owners), owners
+
+    # Every vision run that computed committed once; the last commit's run owns every vision
+    # partition, and the newest manifest records are its.
     history = Lake(s3_lake).table("embeddings").history()
     commits = sorted(
         (e["version"], e["vlray.run_id"]) for e in history if e.get("vlray.model") == VISION
     )
     assert sorted(r for _, r in commits) == sorted(computed), commits
     last = commits[-1][1]
-    runs = partition_run_ids(s3_lake)
-    assert runs and all(r == {last} for r in runs.values()), runs
-    # Rows equal the manifest's, and the newest record is the last run's (checked here).
-    assert_complete(s3_lake, [VISION])
-    assert {r["run_id"] for r in Lake(s3_lake).manifest().to_pylist()} == {last}
-    assert len(_items_run_ids(s3_lake)) == 1
+    owners = [r for (m, _), r in runs.items() if m == VISION]
+    assert owners and all(r == {last} for r in owners), owners
+    manifest = Lake(s3_lake).manifest().to_pylist()
+    assert {r["run_id"] for r in manifest if r["model"] == VISION} == {last}

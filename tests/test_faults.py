@@ -228,47 +228,54 @@ def _models_in_manifest(lake: str) -> set[str]:
     return set(Lake(lake).manifest()["model"].to_pylist())
 
 
-@pytest.mark.parametrize("kill_point", ["written, not committed", "one model committed"])
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_leaves_whole_partitions_and_the_next_run_completes(
-    ray_session, s3_endpoint, s3_lake, tmp_path, capsys, kill_point
+    ray_session, s3_endpoint, s3_lake, tmp_path, capsys
 ):
+    """Two kills on one lake, one after the other (each kill point's run starts from what
+    the one before left), then a run to completion and a vacuum."""
     lake = s3_lake
     config = write_config(tmp_path / "run.yaml", MODELS)
-    log = tmp_path / "killed.log"
+
+    # 1. Killed while its first model's files are written and not committed.
+    log = tmp_path / "killed-1.log"
     proc = start_extract(config, lake, log)
     try:
-        if kill_point == "written, not committed":
-            seen = wait_for(lambda: uncommitted_keys(s3_endpoint, lake), proc, log)
-        else:
-            wait_for(lambda: len(_models_in_manifest(lake)) == 1, proc, log)
+        seen = wait_for(lambda: uncommitted_keys(s3_endpoint, lake), proc, log)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        _kill(proc)
+    assert assert_lake_consistent(lake) == {}  # nothing committed, nothing visible
+    assert seen <= uncommitted_keys(s3_endpoint, lake), "the files seen were committed"
+    killed_runs = {run_id_of(k) for k in seen}
+    assert len(killed_runs) == 1
 
-    # Right after the kill: every visible partition is whole and matches its record.
+    # 2. Killed after its first model's commit: that model whole, the other absent.
+    log = tmp_path / "killed-2.log"
+    proc = start_extract(config, lake, log)
+    try:
+        wait_for(lambda: len(_models_in_manifest(lake)) == 1, proc, log)
+    finally:
+        _kill(proc)
     records = assert_lake_consistent(lake)
-    committed = {m for m, _ in records}
-    if kill_point == "written, not committed":
-        left = uncommitted_keys(s3_endpoint, lake)
-        assert seen <= left, "the files seen uncommitted were committed before the kill"
-        killed_run = {run_id_of(k) for k in seen}
-        assert len(killed_run) == 1
-    else:
-        assert committed == {MODELS[0]}
-        killed_run = {r["run_id"] for r in records.values()}
-    (killed_run,) = killed_run
+    assert {m for m, _ in records} == {MODELS[0]}
+    killed_runs |= {r["run_id"] for r in records.values()}
 
-    # The next run redoes exactly the models the killed one had not committed.
+    # The next run redoes exactly the model the killed ones had not committed.
     summary = run_extract(validate_config(small_config(MODELS), "t"), lake)
-    redone = {r.model for r in summary.results if not r.skipped}
-    assert redone == set(MODELS) - committed
+    assert {r.model for r in summary.results if not r.skipped} == {MODELS[1]}
     assert_complete(lake, MODELS)
 
-    # Vacuum deletes what the killed run wrote and never committed; the table reads the same.
-    before = data_keys(s3_endpoint, lake)
-    orphans = {k for k in before - referenced_keys(lake) if run_id_of(k) == killed_run}
-    if kill_point == "written, not committed":
-        assert orphans >= seen
+    # Vacuum deletes what the killed runs wrote and never committed; the table reads the same.
+    orphans = {
+        k
+        for k in data_keys(s3_endpoint, lake) - referenced_keys(lake)
+        if run_id_of(k) in killed_runs
+    }
+    assert orphans >= seen
     content = _sorted_embeddings(lake)
     capsys.readouterr()
     assert main(["lake", "vacuum", "--lake", lake, "--retain", "0"]) == 0
