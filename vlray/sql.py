@@ -17,10 +17,11 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from vlray.lake import Lake
+from vlray.lake import TABLES, Lake
 
 SQL_DIR = Path(os.environ.get("VLRAY_SQL_DIR", Path(__file__).resolve().parents[1] / "sql"))
-VIEWS = ("items", "embeddings", "quarantine", "manifest", "alignment", "trials", "concepts")
+# One view per table of the lake (sql/views/NAME.sql).
+VIEWS = tuple(TABLES)
 
 _READ_ONLY = {"SELECT", "EXPLAIN"}
 _SOURCE = re.compile(r"\{\{\s*source\('(\w+)'\)\s*\}\}")
