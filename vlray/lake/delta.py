@@ -76,21 +76,6 @@ def snapshot_dataset(store: Storage, spec: TableSpec, table) -> pads.Dataset:
     return table.to_pyarrow_dataset(filesystem=store.subtree(spec.path), schema=spec.schema)
 
 
-def read(
-    store: Storage,
-    spec: TableSpec,
-    where: Mapping[str, Any] | None = None,
-    columns: list[str] | None = None,
-    as_of: int | _dt.datetime | None = None,
-) -> pa.Table:
-    """Rows of a table's snapshot whose columns equal ``where`` (a list value: any of them)."""
-    dataset = snapshot_dataset(store, spec, open_table(store, spec, as_of))
-    try:
-        return dataset.to_table(filter=equals(where), columns=columns)
-    except OSError as err:
-        raise LakeError(f"cannot read {store.uri_of(spec.path)}: {_one_line(err)}") from None
-
-
 def equals(where: Mapping[str, Any] | None) -> pc.Expression | None:
     expr = None
     for column, value in (where or {}).items():
