@@ -11,7 +11,7 @@ import pytest
 
 from vlray.lake import Lake
 
-from .test_faults import (
+from .lakecheck import (
     assert_complete,
     partition_run_ids,
     run_id_of,
