@@ -42,9 +42,13 @@ COMMIT_ATTEMPTS = 20
 def partition_path(spec: TableSpec, values: Mapping[str, Any]) -> str:
     """Hive-style directory of a partition (``dataset=shapes/model=...``), values URI-encoded
     so that '/' in a perturbation name stays one segment; DuckDB and Polars decode it."""
+    return _hive((k, values[k]) for k in spec.partition_by)
+
+
+def _hive(pairs) -> str:
     from urllib.parse import quote
 
-    return "/".join(f"{k}={quote(str(values[k]), safe='')}" for k in spec.partition_by)
+    return "/".join(f"{k}={quote(str(v), safe='')}" for k, v in pairs)
 
 
 def open_table(store: Storage, spec: TableSpec, as_of: int | _dt.datetime | None = None):
@@ -105,10 +109,7 @@ def write_file(
     try:
         if store.is_local:
             store.fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
-        metadata: list[pq.FileMetaData] = []
-        pq.write_table(
-            data, full, filesystem=store.fs, compression=compression, metadata_collector=metadata
-        )
+        pq.write_table(data, full, filesystem=store.fs, compression=compression)
         size = store.fs.get_file_info(full).size
     except OSError as err:
         raise LakeError(
@@ -120,11 +121,11 @@ def write_file(
         partition_values={k: str(partition[k]) for k in spec.partition_by},
         modification_time=int(time.time() * 1000),
         data_change=True,
-        stats=_stats(data, metadata[0] if metadata else None),
+        stats=_stats(data),
     )
 
 
-def _stats(data: pa.Table, metadata: pq.FileMetaData | None) -> str:
+def _stats(data: pa.Table) -> str:
     """Delta file statistics: row count, and min/max/null count of the flat string and
     integer columns, which let readers skip files."""
     stats: dict[str, Any] = {"numRecords": data.num_rows, "minValues": {}, "maxValues": {}}
@@ -224,18 +225,10 @@ def _claims(spec: TableSpec, replace: Mapping[str, Any] | None) -> list[Transact
     commit claimed too fails instead, and is retried against the new version."""
     if replace is None:
         return None
-    from urllib.parse import quote
-
     values = [v if isinstance(v, list | tuple) else [v] for v in replace.values()]
     version = int(time.time() * 1000)
     return [
-        Transaction(
-            "/".join(
-                [f"vlray/{spec.path}"]
-                + [f"{k}={quote(str(v), safe='')}" for k, v in zip(replace, combo, strict=True)]
-            ),
-            version,
-        )
+        Transaction(f"vlray/{spec.path}/{_hive(zip(replace, combo, strict=True))}", version)
         for combo in itertools.product(*values)
     ]
 
