@@ -39,9 +39,11 @@ def test_pairs_follow_pair_id_and_average_captions(small_lake):
     assert [m.shape[1] for m in t.layers] == [384] * 7
 
 
-def test_one_task_per_model_pair_writes_every_layer_pair(aligned):
+def test_every_model_pair_gets_every_layer_pair_from_its_sharded_grid(aligned):
     lake, done = aligned
     assert len(done) == 4
+    # the grid ran as many tasks (reads, sides, null and bootstrap shards), not one
+    assert all(d["studies"]["layerwise"]["tasks"] > 3 for d in done)
     rows = run_query(
         connect(lake),
         """
@@ -88,7 +90,9 @@ def test_align_cli_from_a_config(small_lake, tmp_path, capsys):
         "align: {metrics: [rsa], bootstrap: 0, permutations: 5, studies: [layerwise]}\n"
     )
     assert main(["align", "--config", str(config), "--lake", lake]) == 0
-    assert "1 model pair(s), 9 scores" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 model pair(s), 9 scores" in out
+    assert " task(s)" in out and "scores written to the alignment table by " in out
     rsa = run_query(
         connect(lake), "SELECT value, ci_low FROM alignment WHERE metric = 'rsa'"
     ).to_pylist()

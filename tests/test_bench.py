@@ -44,3 +44,32 @@ def test_bench_extract_prints_model_only_pipeline_and_naive_side_by_side(ray_ses
         for case in ("model_only", "pipeline", "naive")
     ]
     assert "vs_model" in out and "vs_naive" in out and "none on CPU" in out
+
+
+def test_bench_align_prints_one_task_sharded_and_the_paper_scale_table(ray_session, capsys):
+    """A small planted lake on this session's Ray (the two-node run is the multi-node test's
+    machinery, exercised there): rows (a), (b) and (d), the planted peak found by each run
+    that ran, and the paper-scale table from (b)'s throughput."""
+    from vlray.bench.align import bench_align
+
+    rows = bench_align(
+        n=300,
+        layers=(4, 4),
+        widths=(16, 16),
+        bootstrap=4,
+        permutations=4,
+        two_node=False,
+        memory_per_task=64 << 20,
+    )
+    assert [r["run"][:3] for r in rows] == ["(a)", "(b)", "(d)"]
+    ran = [r for r in rows if "wall s" in r]
+    assert [r["run"][:3] for r in ran][:2] == ["(a)", "(b)"]
+    for r in ran:
+        assert r["planted peak found"] is True
+        assert r["max |diff| vs (a)"] < 1e-9
+    assert rows[0]["tasks"] == 1 and rows[1]["tasks"] > 4
+    args = ["bench", "align", "--n", "300", "--layers", "4", "--dim", "16"]
+    assert main([*args, "--bootstrap", "2", "--permutations", "2", "--one-node"]) == 0
+    out = capsys.readouterr().out
+    for word in ("(a) one task", "(b) sharded", "Paper scale", "opt_30b", "hours on 64 CPUs"):
+        assert word in out

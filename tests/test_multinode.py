@@ -17,16 +17,7 @@ which would also stop the test session's cluster and any other Ray on the machin
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +25,7 @@ import pytest
 import ray
 import yaml
 
+from vlray.bench.localcluster import LocalCluster, alive
 from vlray.catalog import get_spec
 from vlray.lake import Lake
 from vlray.sql import connect, named_query, run_query
@@ -43,7 +35,6 @@ from .conftest import small_config
 pytestmark = pytest.mark.timeout(480)
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
 MODELS = ["tiny_vit_random", "tiny_gpt2_random"]
 # Uploaded with the jobs: the repository less .gitignore'd paths and Ray's default excludes
 # (.git, .venv, __pycache__); .devassets is a local folder only .git/info/exclude names.
@@ -55,268 +46,9 @@ WITH_CONFIG = (
 )
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (held open together, so none is handed out twice)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _free_range(size: int, taken: list[int]) -> int:
-    """The first port of `size` consecutive free ports (a raylet's worker ports), apart from
-    the ranges starting at `taken` (those of this cluster's other nodes)."""
-    for _ in range(200):
-        base = 20_000 + secrets.randbelow(40_000 - size)
-        if any(abs(base - t) < size for t in taken):
-            continue
-        socks = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {size} consecutive free ports")
-
-
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of a live process, None when it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]))
-
-
-def _alive(pid: int, start: int) -> bool:
-    """Whether the process that started at `start` still runs (not a reused pid)."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[1] == start
-
-
-def _descendants(pid: int) -> dict[int, int]:
-    """Every live descendant of pid -> its start time (to tell a reused pid apart)."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _proc_stat(int(entry))):
-            children.setdefault(stat[0], []).append((int(entry), stat[1]))
-    found, todo = {}, [pid]
-    while todo:
-        for child, started in children.get(todo.pop(), []):
-            found[child] = started
-            todo.append(child)
-    return found
-
-
-# Runs `ray start` with SIGTERM as its parent-death signal (Linux), so that a test process
-# killed outright leaves no cluster behind: set in the child, then exec (a preexec_fn would run
-# Python in a fork of this multi-threaded process).
-_PDEATHSIG_EXEC = (
-    "import contextlib, ctypes, os, signal, sys\n"
-    "with contextlib.suppress(Exception):\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-    "os.execv(sys.argv[1], sys.argv[1:])\n"
-)
-
-
-class LocalCluster:
-    """A head node and worker nodes, each a `ray start --block` process of this test's, each
-    with its own temp dirs; ``env`` (an object store's endpoint and credentials) is the
-    environment every node, and so every job and task on it, starts with."""
-
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        # A short root: Ray's unix sockets live under it and their paths are limited to 107
-        # bytes, which pytest's tmp_path plus Ray's session folder names can exceed. Each node
-        # has its own folder under it (ROOT/NAME: Ray's temp dir, ROOT/NAME-tmp: TMPDIR).
-        self.root = Path(tempfile.mkdtemp(prefix="vlr", dir="/tmp"))
-        self.env = {
-            **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)},
-            **(env or {}),
-            # Token auth with a token of this cluster's own (set explicitly: a node joining
-            # with `ray start --address` does not turn it on from ~/.ray/auth_token).
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
-        self.nodes: list[subprocess.Popen] = []
-        self.names: list[str] = []
-        self.gcs = ""
-        self.dashboard = ""
-        self.killed: list[int] = []
-        self._logs: list = []
-        self._worker_ports: list[int] = []
-
-    def _start_node(self, name: str, args: list[str]) -> subprocess.Popen:
-        agent, agent_grpc, runtime_env, metrics, node_manager, object_manager = _free_ports(6)
-        workers = _free_range(100, self._worker_ports)
-        self._worker_ports.append(workers)
-        cmd = [
-            sys.executable,
-            "-c",
-            _PDEATHSIG_EXEC,
-            RAY,
-            "start",
-            "--block",
-            *args,
-            "--num-cpus=1",
-            "--num-gpus=0",
-            f"--object-store-memory={300 << 20}",
-            f"--temp-dir={self.root / name}",
-            f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env}",
-            f"--metrics-export-port={metrics}",
-            f"--node-manager-port={node_manager}",
-            f"--object-manager-port={object_manager}",
-            f"--min-worker-port={workers}",
-            f"--max-worker-port={workers + 99}",
-            "--disable-usage-stats",
-            "--include-log-monitor=false",  # job logs come from files; one process less
-        ]
-        log = open(self.root / f"{name}.log", "w")  # open while the node runs
-        self._logs.append(log)
-        tmp = self.root / f"{name}-tmp"
-        tmp.mkdir()
-        node = subprocess.Popen(
-            cmd,
-            env={**self.env, "TMPDIR": str(tmp)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.nodes.append(node)
-        self.names.append(name)
-        return node
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text()[-4000:] if path.exists() else ""
-
-    def start(self, workers: int = 1) -> None:
-        began = time.time()
-        gcs, dashboard, client = _free_ports(3)
-        self._start_node(
-            "head",
-            [
-                "--head",
-                f"--port={gcs}",
-                "--include-dashboard=true",  # the job server
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={client}",
-            ],
-        )
-        address_file = self.root / "head" / "ray_current_cluster"
-        self._wait(address_file.exists, 180)
-        self.gcs = address_file.read_text().strip()
-        self.dashboard = f"http://127.0.0.1:{dashboard}"
-        for i in range(workers):
-            self._start_node(f"worker{i}", [f"--address={self.gcs}"])
-        self._wait(lambda: len(self.alive_nodes(check=False)) == 1 + workers, 180)
-        print(f"\n{1 + workers}-node cluster up in {time.time() - began:.0f}s")
-
-    def _wait(self, condition, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while not condition():
-            for node, name in zip(self.nodes, self.names, strict=True):
-                assert node.poll() is None, f"{name} exited:\n{self.log(name)}"
-            assert time.time() < deadline, f"cluster not up in {timeout}s:\n{self.log('head')}"
-            time.sleep(1)
-
-    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [RAY, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def state(self, what: str, *filters: str, check: bool = True) -> list[dict]:
-        """`ray list WHAT --detail` through the dashboard (Ray's state API)."""
-        args = ["list", what, f"--address={self.dashboard}", "--format=json", "--limit=10000"]
-        out = self.ray(*args, "--detail", *(f"--filter={f}" for f in filters))
-        if out.returncode != 0:
-            assert not check, out.stdout + out.stderr
-            return []
-        return json.loads(out.stdout)
-
-    def alive_nodes(self, check: bool = True) -> list[dict]:
-        return [n for n in self.state("nodes", check=check) if n["state"] == "ALIVE"]
-
-    def submit(
-        self,
-        submission_id: str,
-        *entrypoint: str,
-        env_vars: dict[str, str] | None = None,
-        timeout: float = 300,
-    ) -> str:
-        """`ray job submit` (waits for the job and tails its logs); the job's output.
-        ``env_vars`` go into the job's runtime env (its driver and every task of it)."""
-        runtime_env = {**RUNTIME_ENV, "env_vars": env_vars or {}}
-        out = self.ray(
-            "job",
-            "submit",
-            f"--address={self.dashboard}",
-            f"--submission-id={submission_id}",
-            f"--working-dir={ROOT}",
-            f"--runtime-env-json={json.dumps(runtime_env)}",
-            "--",
-            *entrypoint,
-            timeout=timeout,
-        )
-        text = out.stdout + out.stderr
-        assert out.returncode == 0 and f"Job '{submission_id}' succeeded" in text, text[-6000:]
-        return text
-
-    def stop(self) -> dict[int, int]:
-        """SIGTERM each `ray start --block` (workers first): it stops its node's processes.
-        Then SIGKILL whatever of theirs outlived it, by pid and start time. Returns the
-        processes that were running (pid -> start time)."""
-        started = {}
-        for node in self.nodes:
-            if stat := _proc_stat(node.pid):
-                started[node.pid] = stat[1]
-            started.update(_descendants(node.pid))
-        for node in reversed(self.nodes):
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
-        deadline = time.time() + 10
-        while time.time() < deadline and any(_alive(p, t) for p, t in started.items()):
-            time.sleep(0.5)
-        self.killed = [p for p, t in started.items() if _alive(p, t)]
-        for pid in self.killed:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5 if self.killed else 0)
-        self.nodes, self.names = [], []
-        for log in self._logs:
-            log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
-        return started
-
-
 @pytest.fixture
 def local_cluster(s3_endpoint):
-    cluster = LocalCluster(env=s3_endpoint.env)
+    cluster = LocalCluster(env=s3_endpoint.env, working_dir=ROOT, runtime_env=RUNTIME_ENV)
     try:
         cluster.start(workers=1)
         yield cluster
@@ -443,5 +175,5 @@ def test_jobs_submitted_to_a_two_node_cluster(ray_session, s3_endpoint, local_cl
     began = time.time()
     processes = cluster.stop()
     print(f"stopped in {time.time() - began:.0f}s; SIGKILLed after SIGTERM: {cluster.killed}")
-    assert processes and not any(_alive(pid, start) for pid, start in processes.items())
+    assert processes and not any(alive(pid, start) for pid, start in processes.items())
     assert ray.get(ray.remote(lambda: 1).remote()) == 1

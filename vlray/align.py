@@ -2,18 +2,24 @@
 
 One Ray task per (dataset, vision model, language model) runs the configured studies
 (``vlray.studies``) over that pair's embeddings, reading each partition once for all of them,
-and commits each study's rows in one Delta transaction. A study whose inputs the dataset lacks
-(no trials, no perturbations, no captions or in-context words) is reported as skipped, with the
-reason; a study that fails (too few items for a metric, bad values) is reported as failed, with
-the error, and the other studies and pairs still commit theirs.
+and commits each study's rows in one Delta transaction. The layerwise grid, the expensive
+study, is sharded instead (``vlray.shards``): the driver submits its blocks of layers and
+shards of resamples and permutations as many tasks, for every pair at once, and commits each
+pair's grid as one transaction when all its tasks are done (never a partial grid). A study
+whose inputs the dataset lacks (no trials, no perturbations, no captions or in-context words)
+is reported as skipped, with the reason; a study that fails (too few items for a metric, bad
+values) is reported as failed, with the error, and the other studies and pairs still commit
+theirs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
@@ -22,7 +28,8 @@ from vlray.cluster import ensure_ray
 from vlray.embeddings import EmbeddingsNotFound, LayerStack
 from vlray.lake import Lake, new_run_id
 from vlray.results import alignment_table
-from vlray.studies import STUDIES, AlignOptions, StudyInputs, StudySkipped
+from vlray.shards import PeakMemory
+from vlray.studies import STUDIES, SUBMITS_TASKS, AlignOptions, StudyInputs, StudySkipped
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +91,10 @@ def align_pair(
     run_id: str,
 ) -> dict:
     """Run ``studies`` for one (dataset, vision, language) on ``lake`` (pinned at the
-    embeddings version the scores will record) and commit each study's rows."""
-    import torch
+    embeddings version the scores will record) and commit each study's rows.
 
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, int(options.cpus_per_task)))
+    Each study's summary counts the Ray tasks it ran: its share of this task (1 for the
+    first) plus the tasks it fanned out itself."""
     lake = Lake(lake) if isinstance(lake, str) else lake
     v_spec, l_spec = ModelSpec(**vision), ModelSpec(**language)
     inputs = StudyInputs(lake, dataset, v_spec, l_spec, options)
@@ -101,8 +107,10 @@ def align_pair(
     }
     for study in studies:
         started = time.time()
+        inputs.tasks = inputs.peak_task_bytes = 0
         try:
-            rows = STUDIES[study](inputs, run_id)
+            with PeakMemory() as memory:
+                rows = STUDIES[study](inputs, run_id)
         except (StudySkipped, EmbeddingsNotFound) as why:
             # The dataset lacks what this study reads (trials, perturbations, captions,
             # in-context words): not an error, the other studies run.
@@ -122,7 +130,25 @@ def align_pair(
             "rows": len(rows),
             "n": max((r["n"] for r in rows), default=0),
             "seconds": time.time() - started,
+            "tasks": inputs.tasks,
+            # a sharded study's largest task, else this process's growth while it ran
+            "peak_task_bytes": inputs.peak_task_bytes or memory.peak,
         }
+    return summary
+
+
+def _align_task(*args) -> dict:
+    """:func:`align_pair` as the one Ray task of a pair's unsharded studies."""
+    import torch
+
+    options = args[4]
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(options.cpus_per_task)))
+    summary = align_pair(*args)
+    for s in summary["studies"].values():
+        if "tasks" in s:  # the first study that wrote rows counts this task
+            s["tasks"] += 1
+            break
     return summary
 
 
@@ -182,16 +208,39 @@ def run_align(
     gpus = options.gpus_per_task
     if gpus is None:
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    task = ray.remote(align_pair).options(num_cpus=options.cpus_per_task, num_gpus=gpus)
+    options = dataclasses.replace(options, gpus_per_task=gpus)
+    task = ray.remote(_align_task).options(num_cpus=options.cpus_per_task, num_gpus=gpus)
     run_id = new_run_id()
+    from_driver = SUBMITS_TASKS if options.shard else frozenset()
     # No lock: each study's rows are one Delta commit, retried if another run's commit to the
     # same table got in first.
-    results = ray.get(
-        [
-            task.remote(lake, ds, v.model_dump(), t.model_dump(), options, todo, run_id)
+    in_task = [
+        task.remote(lake, ds, v.model_dump(), t.model_dump(), options, in_task_studies, run_id)
+        if (in_task_studies := [s for s in todo if s not in from_driver])
+        else None
+        for ds, v, t, todo, _ in jobs
+    ]
+    # The sharded studies of every pair are submitted at once (one thread per pair waits for
+    # its grid's tasks), so the cluster works on all pairs' shards together.
+    with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
+        sharded = [
+            pool.submit(
+                align_pair,
+                lake,
+                ds,
+                v.model_dump(),
+                t.model_dump(),
+                options,
+                [s for s in todo if s in from_driver],
+                run_id,
+            )
             for ds, v, t, todo, _ in jobs
         ]
-    )
-    for (_, _, _, _, fresh), summary in zip(jobs, results, strict=True):
-        summary["studies"] = {**fresh, **summary["studies"]}
+        driver_results = [f.result() for f in sharded]
+    results = []
+    for (_, _, _, todo, fresh), ref, by_driver in zip(jobs, in_task, driver_results, strict=True):
+        summary = ray.get(ref) if ref is not None else by_driver
+        studies = {**by_driver["studies"], **(summary["studies"] if ref is not None else {})}
+        summary["studies"] = {**fresh, **{s: studies[s] for s in todo}}
+        results.append(summary)
     return done + results

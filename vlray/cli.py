@@ -78,7 +78,7 @@ def _lake_of(args: argparse.Namespace, config) -> str:
 
 def _print_align(done: list[dict], started: float) -> int:
     """Print the align summary; the exit status: 1 if any study failed, else 0."""
-    written, failed = 0, 0
+    written, failed, tasks = 0, 0, 0
     for r in done:
         print(f"  {r['dataset']} | {r['vision_model']} x {r['language_model']}")
         for study, s in r["studies"].items():
@@ -91,11 +91,15 @@ def _print_align(done: list[dict], started: float) -> int:
                 line = f"FAILED: {s['failed']}"
             else:
                 written += s["rows"]
-                line = f"n={s['n']:<6} {s['rows']:>6} scores  {s['seconds']:6.1f}s"
+                tasks += s["tasks"]
+                line = (
+                    f"n={s['n']:<6} {s['rows']:>6} scores  {s['seconds']:6.1f}s  "
+                    f"{s['tasks']:>4} task(s)"
+                )
             print(f"    {study:<18} {line}")
     print(
-        f"align: {len(done)} model pair(s), {written} scores written to the alignment table, "
-        f"{time.time() - started:.1f}s"
+        f"align: {len(done)} model pair(s), {written} scores written to the alignment table "
+        f"by {tasks} Ray task(s), {time.time() - started:.1f}s"
         + (f"; {failed} study run(s) FAILED (the others' results are kept)" if failed else "")
     )
     return 1 if failed else 0
@@ -145,9 +149,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for inputs in (("host", "device") if gpu else ("host",))
             for row in bench.bench_metrics(
                 n=args.n or 2048,
-                dim=args.dim,
-                layers=args.layers,
-                metrics=args.metrics.split(","),
+                dim=args.dim or 768,
+                layers=args.layers or 13,
+                metrics=(args.metrics or "mutual_knn,cka").split(","),
                 device=args.device,
                 repeats=args.repeats or (3 if gpu else 1),
                 inputs=inputs,
@@ -156,8 +160,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.print_rows(rows)
         if args.large_n:
             bench.print_rows(
-                [bench.bench_knn_memory(n=args.large_n, dim=args.dim, layers=args.layers)]
+                [
+                    bench.bench_knn_memory(
+                        n=args.large_n, dim=args.dim or 768, layers=args.layers or 13
+                    )
+                ]
             )
+    elif args.what == "align":
+        from pydantic import ByteSize, TypeAdapter
+
+        from vlray.bench.align import bench_align, measured_unit
+        from vlray.bench.paper_scale import paper_scale
+
+        budget = args.memory_per_task
+        n, layers, widths = args.n or 9000, (args.layers or 14,) * 2, (args.dim or 64,) * 2
+        rows = bench_align(
+            n=n,
+            layers=layers,
+            widths=widths,
+            bootstrap=args.bootstrap,
+            permutations=args.permutations,
+            metric=args.metrics or "cka",
+            **(
+                {"memory_per_task": TypeAdapter(ByteSize).validate_python(budget)} if budget else {}
+            ),
+            two_node=not args.one_node,
+        )
+        bench.print_rows(rows)
+        if (args.metrics or "cka") == "cka":
+            (b,) = [r for r in rows if r["run"].startswith("(b)")]
+            evaluations = 1 + args.bootstrap + args.permutations
+            unit = measured_unit(b["wall s"], n, layers, widths, evaluations, os.cpu_count() or 1)
+            print(f"\nPaper scale, estimated from (b): {unit:.3g} CPU-seconds per CKA unit")
+            bench.print_rows(paper_scale(unit))
     elif args.what == "lake":
         from vlray.bench.lake import run
 
@@ -430,13 +465,23 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.set_defaults(func=cmd_refresh, manifest=None, models=None)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures measured side by side")
-    bench.add_argument("what", choices=("metrics", "extract", "lake"))
+    bench.add_argument("what", choices=("metrics", "extract", "lake", "align"))
     bench.add_argument(
-        "--n", type=int, help="items (metrics: 2048; extract: 40,000 on a GPU, 256 on a CPU)"
+        "--n",
+        type=int,
+        help="items (metrics: 2048; extract: 40,000 on a GPU, 256 on a CPU; align: 9000)",
     )
-    bench.add_argument("--dim", type=int, default=768, help="width of every layer")
-    bench.add_argument("--layers", type=int, default=13, help="layers on each side")
-    bench.add_argument("--metrics", default="mutual_knn,cka")
+    bench.add_argument("--dim", type=int, help="width of every layer (metrics: 768, align: 64)")
+    bench.add_argument("--layers", type=int, help="layers on each side (metrics: 13, align: 14)")
+    bench.add_argument("--metrics", help="metrics: mutual_knn,cka; align: one metric (cka)")
+    bench.add_argument("--bootstrap", type=int, default=100, help="align: resamples")
+    bench.add_argument("--permutations", type=int, default=100, help="align: permutations")
+    bench.add_argument(
+        "--memory-per-task", help="align: task budget of (b) and (c), e.g. 512MiB (default 2GiB)"
+    )
+    bench.add_argument(
+        "--one-node", action="store_true", help="align: skip the two-node cluster run (c)"
+    )
     bench.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     bench.add_argument(
         "--large-n",

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from vlray.catalog import CatalogError, ModelSpec, load_catalog
 from vlray.extract import ExtractOptions
 from vlray.sources import check_params
 from vlray.studies.options import (
+    DEFAULT_MEMORY_PER_TASK,
     STUDY_NAMES,
     AlignOptions,
     ConceptRetrievalOptions,
@@ -78,11 +79,14 @@ class AlignConfig(BaseModel):
     concept_retrieval: ConceptRetrievalOptions = Field(default_factory=ConceptRetrievalOptions)
     cpus_per_task: float = Field(default=1.0, gt=0)
     gpus_per_task: float | None = Field(default=None, ge=0)
+    shard: bool = True
+    memory_per_task: ByteSize = Field(default=DEFAULT_MEMORY_PER_TASK, gt=0)  # "2GiB", "512MB"
 
     def options(self) -> AlignOptions:
         fields = {name: getattr(self, name) for name in type(self).model_fields}
         for name in ("metrics", "image_roles", "studies"):
             fields[name] = tuple(fields[name])
+        fields["memory_per_task"] = int(fields["memory_per_task"])
         return AlignOptions(**fields)
 
 

@@ -39,6 +39,38 @@ def _as_matrix(column: pa.ChunkedArray) -> np.ndarray:
     return values.reshape(n, len(values) // n if n else 0)
 
 
+def _partition(dataset: str, model: str, perturbation: str, pooling: str) -> pc.Expression:
+    return (
+        (pc.field("dataset") == dataset)
+        & (pc.field("model") == model)
+        & (pc.field("perturbation") == perturbation)
+        & (pc.field("pooling") == pooling)
+    )
+
+
+def _record(lake: Lake, dataset: str, model: str, perturbation: str) -> dict:
+    record = lake.partitions(dataset, model).get(perturbation)
+    if record is None or not record["rows"]:
+        raise EmbeddingsNotFound(
+            f"no embeddings for dataset '{dataset}', model '{model}', perturbation "
+            f"'{perturbation}' in {lake.uri} (run `vlray extract` for it first)"
+        )
+    return record
+
+
+def embedded_ids(
+    lake: Lake, dataset: str, model: str, pooling: str, perturbation: str = NO_PERTURBATION
+) -> np.ndarray:
+    """The ids of the items a model embedded (its first layer's rows), sorted, read without
+    the embeddings."""
+    _record(lake, dataset, model, perturbation)
+    table = lake.dataset("embeddings").to_table(
+        columns=["item_id"],
+        filter=_partition(dataset, model, perturbation, pooling) & (pc.field("layer") == 0),
+    )
+    return np.sort(table["item_id"].to_numpy(zero_copy_only=False))
+
+
 def load_layers(
     lake: Lake,
     dataset: str,
@@ -48,12 +80,7 @@ def load_layers(
     layers: list[int] | None = None,
 ) -> LayerStack:
     """Every (or the listed) layer of a model for one pooling, rows sorted by item id."""
-    record = lake.partitions(dataset, model).get(perturbation)
-    if record is None or not record["rows"]:
-        raise EmbeddingsNotFound(
-            f"no embeddings for dataset '{dataset}', model '{model}', perturbation "
-            f"'{perturbation}' in {lake.uri} (run `vlray extract` for it first)"
-        )
+    record = _record(lake, dataset, model, perturbation)
     present = list(range(record["layers"]))
     wanted = present if layers is None else layers
     missing = [layer for layer in wanted if layer not in present]
@@ -63,14 +90,13 @@ def load_layers(
             f"(layers present: {present})"
         )
     source = lake.dataset("embeddings")
-    partition = pc.field("dataset") == dataset
-    partition &= (pc.field("model") == model) & (pc.field("perturbation") == perturbation)
+    partition = _partition(dataset, model, perturbation, pooling)
     ids = None
     mats = []
     for layer in wanted:
         table = source.to_table(
             columns=["item_id", "embedding"],
-            filter=partition & (pc.field("layer") == layer) & (pc.field("pooling") == pooling),
+            filter=partition & (pc.field("layer") == layer),
         ).sort_by("item_id")
         if table.num_rows == 0:
             raise EmbeddingsNotFound(
@@ -117,3 +143,50 @@ def mean_by_group(stack: LayerStack, groups: np.ndarray, order: np.ndarray) -> L
         np.add.at(sums, inverse, m)
         layers.append((sums / counts[:, None])[rows].astype(np.float32))
     return LayerStack(stack.model, np.asarray(order), layers, stack.layer_names, stack.pooling)
+
+
+@dataclass(frozen=True)
+class LakeLayers:
+    """One model's layers as the rows of a pairing, read from the lake one layer at a time.
+
+    What a task that must not hold a whole stack is given: ``load(layer)`` reads that layer's
+    partition only, takes the rows of ``item_ids`` in order and, with ``groups``, averages the
+    rows sharing a group key into one row per key of ``order`` (an image's captions).
+    """
+
+    lake: Lake
+    dataset: str
+    model: str
+    pooling: str
+    perturbation: str
+    item_ids: np.ndarray
+    labels: tuple[str, ...]
+    groups: np.ndarray | None = None
+    order: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.item_ids if self.order is None else self.order)
+
+    def load(self, layer: int) -> np.ndarray:
+        stack = load_layers(
+            self.lake, self.dataset, self.model, self.pooling, self.perturbation, [layer]
+        )
+        stack = take_rows(stack, self.item_ids)
+        if self.groups is not None:
+            stack = mean_by_group(stack, self.groups, self.order)
+        return stack.layers[0]
+
+    def widths(self) -> list[int]:
+        """Each layer's width, from one row of each layer's partition."""
+        source = self.lake.dataset("embeddings")
+        partition = _partition(self.dataset, self.model, self.perturbation, self.pooling)
+        widths = []
+        for layer in range(len(self.labels)):
+            row = source.head(
+                1, columns=["embedding"], filter=partition & (pc.field("layer") == layer)
+            )
+            if row.num_rows == 0:
+                raise EmbeddingsNotFound(f"model '{self.model}' layer {layer}: no rows")
+            widths.append(len(row["embedding"][0]))
+        return widths

@@ -10,16 +10,58 @@ A metric scores a whole layer grid in two steps:
 ``permute(sy, perm)`` returns the side that ``side`` would have built from the layers with
 their rows permuted (``Y[perm]``); the permutation null reuses the per-layer work that way
 instead of recomputing it for every permutation.
+
+Sides are frozen dataclasses whose list fields hold one entry per layer (and whose stacked
+tensor fields are marked ``PER_LAYER``), so the sides of consecutive layer blocks, computed
+by different tasks, join into one with :func:`concat_sides`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .inputs import Context, LayerInput, resolve_options
+
+# Field metadata of a side's tensor stacked over layers (dimension 0 is the layer).
+PER_LAYER = {"per_layer": True}
+
+
+def concat_sides(parts: Sequence[Any]) -> Any:
+    """One side from the sides of consecutive layer blocks (same metric, rows and options):
+    per-layer lists are joined, ``PER_LAYER`` tensors concatenated, the rest shared."""
+    if len(parts) == 1:
+        return parts[0]
+    merged = {}
+    for f in dataclasses.fields(parts[0]):
+        values = [getattr(p, f.name) for p in parts]
+        if isinstance(values[0], list):
+            merged[f.name] = [v for vs in values for v in vs]
+        elif f.metadata.get("per_layer"):
+            merged[f.name] = torch.cat(values)
+    return dataclasses.replace(parts[0], **merged)
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` (a side, or anything holding tensors) with every tensor moved to ``device``:
+    sides travel between tasks through the object store on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value,
+            **{
+                f.name: to_device(getattr(value, f.name), device)
+                for f in dataclasses.fields(value)
+                if f.init
+            },
+        )
+    return value
 
 
 class Metric:
@@ -41,14 +83,15 @@ class Metric:
         return 3, ""
 
     def plan(
-        self,
-        xs: Sequence[LayerInput],
-        ys: Sequence[LayerInput],
-        opts: dict,
-        ctx: Context,
+        self, widths_x: Sequence[int], widths_y: Sequence[int], opts: dict, ctx: Context
     ) -> dict:
         """Choose an algorithm from the grid's shape (e.g. Gram or feature-space CKA)."""
         return opts
+
+    def side_bytes(self, n: int, width: int, opts: Mapping[str, Any], itemsize: int) -> int:
+        """Working memory of one layer's side at ``n`` rows (an estimate, for sizing tasks):
+        by default the preprocessed copy of the layer."""
+        return n * width * itemsize
 
     def side(self, layers: Sequence[LayerInput], opts: Mapping[str, Any], ctx: Context) -> Any:
         raise NotImplementedError

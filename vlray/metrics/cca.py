@@ -64,6 +64,9 @@ class _CcaMetric(Metric):
     def check(self, opts):
         float_option(self.name, opts, "keep_variance", 0.0, 1.0)
 
+    def side_bytes(self, n: int, width: int, opts: Mapping[str, Any], itemsize: int) -> int:
+        return 2 * n * width * 8  # the float64 copy and its SVD
+
     def side(self, layers: Sequence[LayerInput], opts: Mapping[str, Any], ctx: Context) -> SvdSide:
         parts = [
             reduced_svd(ctx.load(layer, opts, dtype=torch.float64), opts["keep_variance"])

@@ -64,13 +64,14 @@ class Problem:
     ys: list[LayerInput]
     device: torch.device
     dtype: torch.dtype
+    scratch_bytes: int | None = None
 
     @property
     def n(self) -> int:
         return self.xs[0].n
 
     def context(self, rows: torch.Tensor | None = None) -> Context:
-        return Context(self.metric.name, self.device, self.dtype, self.n, rows)
+        return Context(self.metric.name, self.device, self.dtype, self.n, rows, self.scratch_bytes)
 
     def sides(self, ctx: Context) -> tuple[Any, Any]:
         return self.metric.side(self.xs, self.opts, ctx), self.metric.side(self.ys, self.opts, ctx)
@@ -100,6 +101,7 @@ def setup(
     device: str | torch.device | None,
     dtype: str | torch.dtype | None,
     options: dict[str, Any],
+    scratch_bytes: int | None = None,
 ) -> Problem:
     """Check everything about a request before any computation starts."""
     impl = get_metric(metric)
@@ -116,9 +118,11 @@ def setup(
         check_not_constant(layer, impl.name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, n)
-    problem = Problem(impl, opts, layers_x, layers_y, dev, dt)
-    planned = impl.plan(layers_x, layers_y, opts, problem.context())
-    return Problem(impl, planned, layers_x, layers_y, dev, dt)
+    problem = Problem(impl, opts, layers_x, layers_y, dev, dt, scratch_bytes)
+    planned = impl.plan(
+        [x.width for x in layers_x], [y.width for y in layers_y], opts, problem.context()
+    )
+    return Problem(impl, planned, layers_x, layers_y, dev, dt, scratch_bytes)
 
 
 def grid(

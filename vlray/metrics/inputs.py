@@ -296,6 +296,13 @@ class Context:
     dtype: torch.dtype
     n: int
     rows: torch.Tensor | None = None
+    # A cap on streaming workspaces (similarity row blocks, feature row blocks, Gram product
+    # chunks) below their defaults: a sharded task's memory budget. None: the defaults.
+    scratch_bytes: int | None = None
+
+    def scratch(self, default: int) -> int:
+        """Bytes a streaming workspace whose default size is ``default`` may use here."""
+        return default if self.scratch_bytes is None else min(default, self.scratch_bytes)
 
     def load(
         self,

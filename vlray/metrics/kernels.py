@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .base import Metric
+from .base import PER_LAYER, Metric
 from .inputs import (
     Context,
     LayerInput,
@@ -147,7 +147,7 @@ class GramSide:
     """Per-layer unit vectors over the upper triangle, stacked ``(L, P)``."""
 
     labels: list[str]
-    vectors: torch.Tensor
+    vectors: torch.Tensor = field(metadata=PER_LAYER)
     offset: int
     n: int
 
@@ -155,7 +155,9 @@ class GramSide:
         return replace(self, vectors=self.vectors[:, permuted_positions(perm, self.offset)])
 
 
-def gram_products(vx: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
+def gram_products(
+    vx: torch.Tensor, vy: torch.Tensor, chunk_bytes: int | None = None
+) -> torch.Tensor:
     """``vx @ vy.T`` accumulated in float64, in column chunks.
 
     The products are long (n(n+1)/2 terms) but cheap next to building the Gram matrices, so
@@ -164,7 +166,7 @@ def gram_products(vx: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
     if vx.dtype == torch.float64:
         return vx @ vy.T
     out = torch.zeros((len(vx), len(vy)), dtype=torch.float64, device=vx.device)
-    step = max(1, GRAM_CHUNK_BYTES // ((len(vx) + len(vy)) * 8))
+    step = max(1, (chunk_bytes or GRAM_CHUNK_BYTES) // ((len(vx) + len(vy)) * 8))
     for start in range(0, vx.shape[1], step):
         stop = start + step
         out += vx[:, start:stop].double() @ vy[:, start:stop].double().T
@@ -180,6 +182,10 @@ class _GramMetric(Metric):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def side_bytes(self, n: int, width: int, opts: Mapping[str, Any], itemsize: int) -> int:
+        # the layer's copy, its n x n Gram matrix while built, and the kept triangle
+        return (n * width + n * n + n * (n + 1) // 2) * itemsize
+
     def side(self, layers: Sequence[LayerInput], opts: Mapping[str, Any], ctx: Context) -> GramSide:
         vectors = None
         for i, layer in enumerate(layers):
@@ -191,7 +197,7 @@ class _GramMetric(Metric):
         return GramSide([layer.label for layer in layers], vectors, self.offset, ctx.n)
 
     def pairs(self, sx: GramSide, sy: GramSide, opts: Mapping[str, Any], ctx: Context):
-        return gram_products(sx.vectors, sy.vectors)
+        return gram_products(sx.vectors, sy.vectors, ctx.scratch(GRAM_CHUNK_BYTES))
 
     def permute(self, sy: GramSide, perm: torch.Tensor) -> GramSide:
         return sy.permuted(perm)
@@ -214,7 +220,7 @@ class FeatureSide:
     layers: list[LayerInput]
     preps: list[Preprocessor]
     means: list[torch.Tensor]  # column means after preprocessing (HSIC centring)
-    self_norms: torch.Tensor  # ||Xc^T Xc||_F per layer
+    self_norms: torch.Tensor = field(metadata=PER_LAYER)  # ||Xc^T Xc||_F per layer
     rows: torch.Tensor | None  # rows of the sample (bootstrap, permutation), None: all
 
     def block(self, start: int, stop: int, ctx: Context) -> torch.Tensor:
@@ -250,13 +256,12 @@ class Cka(_GramMetric):
     def check(self, opts: dict) -> None:
         choice_option(self.name, opts, "method", ("auto", "gram", "features"))
 
-    def plan(self, xs, ys, opts: dict, ctx: Context) -> dict:
+    def plan(self, widths_x, widths_y, opts: dict, ctx: Context) -> dict:
         if opts["method"] != "auto":
             return opts
         n = ctx.n
-        widths_x, widths_y = [x.width for x in xs], [y.width for y in ys]
-        widths = widths_x + widths_y
-        gram_ops = n * n * sum(widths) + len(xs) * len(ys) * n * n / 2
+        widths = list(widths_x) + list(widths_y)
+        gram_ops = n * n * sum(widths) + len(widths_x) * len(widths_y) * n * n / 2
         feature_ops = n * sum(widths_x) * sum(widths_y) + n * sum(d * d for d in widths)
         gram_bytes = len(widths) * n * (n + 1) / 2 * ctx.dtype.itemsize
         use_gram = gram_ops <= feature_ops and gram_bytes <= GRAM_BUDGET_BYTES
@@ -265,6 +270,11 @@ class Cka(_GramMetric):
     def layer_vector(self, x, label, opts, ctx):
         v = _without_copy_pairs(triu_vector(centred_gram(x), 0), x.shape[0], 0, ctx)
         return _unit(v, label, self.name, "the centred Gram matrix")
+
+    def side_bytes(self, n: int, width: int, opts: Mapping[str, Any], itemsize: int) -> int:
+        if opts["method"] == "gram":
+            return super().side_bytes(n, width, opts, itemsize)
+        return n * width * itemsize + width * width * 8  # the copy and its covariance
 
     def side(self, layers, opts, ctx):
         if opts["method"] == "gram":
@@ -292,7 +302,7 @@ class Cka(_GramMetric):
         wx = torch.tensor([layer.width for layer in sx.layers], device=ctx.device)
         wy = torch.tensor([layer.width for layer in sy.layers], device=ctx.device)
         cross = torch.zeros((int(wx.sum()), int(wy.sum())), dtype=ctx.dtype, device=ctx.device)
-        block = FEATURE_BLOCK_BYTES // (int(wx.sum() + wy.sum()) * ctx.dtype.itemsize)
+        block = ctx.scratch(FEATURE_BLOCK_BYTES) // (int(wx.sum() + wy.sum()) * ctx.dtype.itemsize)
         block = max(1, min(ctx.n, block))
         for start in range(0, ctx.n, block):
             stop = min(start + block, ctx.n)

@@ -212,6 +212,10 @@ class _KnnMetric(Metric):
     def min_rows(self, opts: Mapping[str, Any]) -> tuple[int, str]:
         return opts["k"] + 1, f"k={opts['k']} neighbours besides the item itself"
 
+    def side_bytes(self, n: int, width: int, opts: Mapping[str, Any], itemsize: int) -> int:
+        # the copy, three n x k tables, and the neighbour search's row block of similarities
+        return n * width * itemsize + n * opts["k"] * 24
+
     def side(self, layers: Sequence[LayerInput], opts: Mapping[str, Any], ctx: Context) -> KnnSide:
         k = opts["k"]
         _, weights = ctx.items()
@@ -223,7 +227,8 @@ class _KnnMetric(Metric):
         idx, counts, sims, self_hsic = [], [], [], []
         for layer in layers:
             x = ctx.load(layer, opts, unit_rows=self.cosine, distinct=True)
-            i, s = nearest_neighbours(x, k)
+            block_rows = max(1, ctx.scratch(SIM_BLOCK_BYTES) // (x.shape[0] * x.element_size()))
+            i, s = nearest_neighbours(x, k, block_rows)
             del x
             idx.append(i)
             counts.append(slot_counts(i, weights, k))

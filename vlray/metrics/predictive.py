@@ -261,6 +261,9 @@ class ProcrustesRetrieval(Metric):
         need = max(opts["k"], opts["csls_k"] if opts["retrieval"] == "csls" else 0) + 1
         return opts["folds"] * need, f"{opts['folds']} test folds of at least {need} items each"
 
+    def side_bytes(self, n: int, width: int, opts: Mapping[str, Any], itemsize: int) -> int:
+        return 2 * n * width * 8  # the float64 copy and its PCA scores
+
     def side(self, layers: Sequence[LayerInput], opts: Mapping[str, Any], ctx: Context) -> PcaSide:
         scores = []
         for layer in layers:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from .engine import setup
+from .engine import Problem, setup
 from .inputs import MetricInputError
 
 # Counts a null replicate as reaching the observed score when within rounding of it, so that
@@ -44,19 +44,73 @@ def _count(name: str, v: Any) -> int:
     return int(v)
 
 
-def _replicates(problem: Any, n_boot: int, seed: int) -> np.ndarray:
-    """The grid on ``n_boot`` item resamples; resample b depends only on (seed, n, b)."""
-    n = problem.n
-    rng = np.random.default_rng([seed, 0])
-    reps = np.empty((n_boot, len(problem.xs), len(problem.ys)))
-    for b in range(n_boot):
-        rows = torch.from_numpy(rng.integers(0, n, size=n))
-        rctx = problem.context(rows)
+def bootstrap_rows(seed: int, n: int, index: int) -> np.ndarray:
+    """The rows of bootstrap resample ``index``: a function of (seed, n, index) only, so any
+    shard of the resamples can be computed anywhere and in any order."""
+    return np.random.default_rng([seed, 0, index]).integers(0, n, size=n)
+
+
+def permutation_order(seed: int, n: int, index: int) -> np.ndarray:
+    """The row order of permutation ``index`` of the null: a function of (seed, n, index)."""
+    return np.random.default_rng([seed, 1, index]).permutation(n)
+
+
+def replicates(problem: Problem, indices: Sequence[int], seed: int) -> np.ndarray:
+    """The grid on the bootstrap resamples ``indices``: ``(len(indices), X, Y)``."""
+    reps = np.empty((len(indices), len(problem.xs), len(problem.ys)))
+    for out, b in enumerate(indices):
+        rctx = problem.context(torch.from_numpy(bootstrap_rows(seed, problem.n, b)))
         try:
-            reps[b] = problem.evaluate(*problem.sides(rctx), rctx)
+            reps[out] = problem.evaluate(*problem.sides(rctx), rctx)
         except MetricInputError as e:
             raise MetricInputError(f"bootstrap resample {b}: {e}") from None
     return reps
+
+
+def null_scores(
+    problem: Problem, sx: Any, sy: Any, indices: Sequence[int], seed: int
+) -> np.ndarray:
+    """The grid with the pairing shuffled by permutations ``indices``: ``(len, X, Y)``.
+
+    ``sx`` and ``sy`` are the sides of the data as given; Y's per-layer work is permuted, not
+    redone."""
+    ctx = problem.context()
+    nulls = np.empty((len(indices), len(problem.xs), len(problem.ys)))
+    for out, p in enumerate(indices):
+        perm = torch.from_numpy(permutation_order(seed, problem.n, p)).to(problem.device)
+        nulls[out] = problem.evaluate(sx, problem.metric.permute(sy, perm), ctx)
+    return nulls
+
+
+def summarise(
+    value: np.ndarray,
+    reps: np.ndarray | None,
+    nulls: np.ndarray | None,
+    confidence: float,
+    n: int,
+) -> GridStats:
+    """GridStats from the grid's value, its bootstrap replicates and its null scores (either
+    may be None or empty: its fields are then NaN)."""
+    nan = np.full_like(value, np.nan)
+    ci_low, ci_high, null_mean, p_value = nan, nan.copy(), nan.copy(), nan.copy()
+    if reps is not None and len(reps):
+        alpha = (1.0 - confidence) / 2
+        ci_low, ci_high = np.quantile(reps, [alpha, 1.0 - alpha], axis=0)
+    if nulls is not None and len(nulls):
+        threshold = value - _TIE_TOLERANCE * np.maximum(1.0, np.abs(value))
+        null_mean = nulls.mean(axis=0)
+        p_value = (1.0 + (nulls >= threshold).sum(axis=0)) / (1.0 + len(nulls))
+    return GridStats(value, ci_low, ci_high, null_mean, p_value, n)
+
+
+def check_confidence(confidence: Any) -> float:
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, (int, float))
+        or not 0 < confidence < 1
+    ):
+        raise MetricInputError(f"confidence must be in (0, 1), got {confidence!r}")
+    return float(confidence)
 
 
 def bootstrap_replicates(
@@ -81,7 +135,7 @@ def bootstrap_replicates(
     n_boot = _count("n_bootstrap", n_bootstrap)
     _count("seed", seed)
     problem = setup(Xs, Ys, metric, labels_x, labels_y, device, dtype, kw)
-    return _replicates(problem, n_boot, seed)
+    return replicates(problem, range(n_boot), seed)
 
 
 def grid_stats(
@@ -113,47 +167,25 @@ def grid_stats(
     Per-layer precomputation (neighbour lists, Gram vectors, SVDs) is permuted, not redone.
 
     The same ``seed`` gives the same numbers; the bootstrap and permutation streams are
-    independent, so adding permutations does not change the interval.
+    independent, so adding permutations does not change the interval. Resample b and
+    permutation p depend only on (seed, n, b or p) (:func:`bootstrap_rows`,
+    :func:`permutation_order`), so a grid split into shards of layers and of resamples (see
+    :mod:`vlray.shards`) gives these numbers too.
 
     Returns:
         GridStats with ``(len(Xs), len(Ys))`` arrays.
     """
     n_boot = _count("n_bootstrap", n_bootstrap)
     n_perm = _count("n_permutations", n_permutations)
-    if (
-        isinstance(confidence, bool)
-        or not isinstance(confidence, (int, float))
-        or not 0 < confidence < 1
-    ):
-        raise MetricInputError(f"confidence must be in (0, 1), got {confidence!r}")
+    confidence = check_confidence(confidence)
     _count("seed", seed)
     problem = setup(Xs, Ys, metric, labels_x, labels_y, device, dtype, kw)
-    n = problem.n
     ctx = problem.context()
     sx, sy = problem.sides(ctx)
     value = problem.evaluate(sx, sy, ctx)
-    nan = np.full_like(value, np.nan)
-    ci_low, ci_high, null_mean, p_value = nan, nan.copy(), nan.copy(), nan.copy()
-
-    if n_boot:
-        reps = _replicates(problem, n_boot, seed)
-        alpha = (1.0 - confidence) / 2
-        ci_low, ci_high = np.quantile(reps, [alpha, 1.0 - alpha], axis=0)
-
-    if n_perm:
-        rng = np.random.default_rng([seed, 1])
-        exceed = np.zeros(value.shape)
-        total = np.zeros(value.shape)
-        threshold = value - _TIE_TOLERANCE * np.maximum(1.0, np.abs(value))
-        for _ in range(n_perm):
-            perm = torch.from_numpy(rng.permutation(n)).to(problem.device)
-            null = problem.evaluate(sx, problem.metric.permute(sy, perm), ctx)
-            total += null
-            exceed += null >= threshold
-        null_mean = total / n_perm
-        p_value = (1.0 + exceed) / (1.0 + n_perm)
-
-    return GridStats(value, ci_low, ci_high, null_mean, p_value, n)
+    reps = replicates(problem, range(n_boot), seed)
+    nulls = null_scores(problem, sx, sy, range(n_perm), seed)
+    return summarise(value, reps, nulls, confidence, problem.n)
 
 
 def score_stats(

@@ -13,7 +13,7 @@ concept_retrieval   can a Procrustes map retrieve a concept's word from its imag
 A study reads what it needs through :class:`StudyInputs` (one dataset, one vision and one
 language model), returns rows of the ``alignment`` results table (``vlray.results``), and
 raises :class:`StudySkipped` when the dataset lacks its inputs (no trials, no perturbations,
-too few concepts). Adding a study is one module and one entry in ``STUDIES``.
+too few concepts). Adding a study is one module and one entry in ``_MODULES``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,25 @@ from . import concept_retrieval, exemplar, forced_choice, layerwise, perturbatio
 from .inputs import StudyInputs, StudySkipped
 from .options import STUDY_NAMES, AlignOptions
 
-STUDIES: dict[str, Callable[[StudyInputs, str], list[dict]]] = {
-    "layerwise": layerwise.run,
-    "perturbation": perturbation.run,
-    "forced_choice": forced_choice.run,
-    "exemplar": exemplar.run,
-    "concept_retrieval": concept_retrieval.run,
+_MODULES = {
+    "layerwise": layerwise,
+    "perturbation": perturbation,
+    "forced_choice": forced_choice,
+    "exemplar": exemplar,
+    "concept_retrieval": concept_retrieval,
 }
+STUDIES: dict[str, Callable[[StudyInputs, str], list[dict]]] = {
+    name: module.run for name, module in _MODULES.items()
+}
+# Studies that fan out their own Ray tasks (module flag ``SUBMITS_TASKS``) when sharding is on:
+# they run from the driver, the others inside one task per model pair.
+SUBMITS_TASKS = frozenset(n for n, m in _MODULES.items() if getattr(m, "SUBMITS_TASKS", False))
 
-__all__ = ["STUDIES", "STUDY_NAMES", "AlignOptions", "StudyInputs", "StudySkipped"]
+__all__ = [
+    "STUDIES",
+    "STUDY_NAMES",
+    "SUBMITS_TASKS",
+    "AlignOptions",
+    "StudyInputs",
+    "StudySkipped",
+]

@@ -8,6 +8,7 @@ row i of the language stack describe the same image, through ``pair_id``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -15,7 +16,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vlray.catalog import ModelSpec
-from vlray.embeddings import LayerStack, load_layers, mean_by_group, take_rows
+from vlray.embeddings import (
+    LakeLayers,
+    LayerStack,
+    embedded_ids,
+    load_layers,
+    mean_by_group,
+    take_rows,
+)
 from vlray.items import IMAGE, NO_PERTURBATION, TEXT
 from vlray.lake import Lake
 
@@ -53,6 +61,9 @@ class StudyInputs:
         self.lake, self.dataset, self.options = lake, dataset, options
         self.vision, self.language = vision, language
         self._stacks: dict[tuple, LayerStack] = {}
+        # What the studies that fan out Ray tasks report back: tasks run, largest task memory.
+        self.tasks = 0
+        self.peak_task_bytes = 0
 
     def spec(self, side: str) -> ModelSpec:
         return self.vision if side == "vision" else self.language
@@ -98,24 +109,32 @@ class StudyInputs:
     def rows(self, stack: LayerStack, item_ids) -> LayerStack:
         return take_rows(stack, np.asarray(item_ids, dtype=object))
 
-    def pairs(
-        self, image_perturbation: str = NO_PERTURBATION, text_perturbation: str = NO_PERTURBATION
-    ) -> tuple[LayerStack, LayerStack]:
-        """Images (``options.image_roles``) with their captions, both models, sorted by pair.
+    def embedded(self, side: str, perturbation: str = NO_PERTURBATION) -> np.ndarray:
+        """The ids of the items this side's model embedded (from its stack when loaded)."""
+        spec = self.spec(side)
+        key = (side, perturbation, spec.pooling[0])
+        if key in self._stacks:
+            return self._stacks[key].item_ids
+        return embedded_ids(self.lake, self.dataset, spec.name, key[2], perturbation)
 
-        The language side is the mean (or the first, ``options.captions``) of each image's
-        captions. Only items both models embedded count (quarantined rows are simply absent).
+    def pairing(
+        self, image_perturbation: str = NO_PERTURBATION, text_perturbation: str = NO_PERTURBATION
+    ) -> Pairing:
+        """Which rows pair up: images (``options.image_roles``) by pair id, and the captions
+        whose mean (or first, ``options.captions``) is each image's text side.
+
+        Only items both models embedded count (quarantined rows are simply absent).
         """
         items, options = self.items, self.options
         captions = items.filter((pc.field("modality") == TEXT) & (pc.field("role") == "caption"))
         if captions.num_rows == 0:  # a concept-level dataset (image folders, words in context)
             raise StudySkipped(f"dataset '{self.dataset}' has no captions to pair images with")
-        v = self.stack("vision", image_perturbation)
-        t = self.stack("language", text_perturbation)
+        vision_ids = self.embedded("vision", image_perturbation)
+        language_ids = self.embedded("language", text_perturbation)
         images = items.filter(
             (pc.field("modality") == IMAGE) & pc.field("role").isin(list(options.image_roles))
         )
-        embedded = captions.filter(pc.field("item_id").isin(t.item_ids)).sort_by("item_id")
+        embedded = captions.filter(pc.field("item_id").isin(language_ids)).sort_by("item_id")
         if options.captions == "first":
             first: dict[str, str] = {}
             for item_id, pair_id in zip(
@@ -124,7 +143,7 @@ class StudyInputs:
                 first.setdefault(pair_id, item_id)
             embedded = embedded.filter(pc.field("item_id").isin(list(first.values())))
         described = set(embedded["pair_id"].to_pylist())
-        images = images.filter(pc.field("item_id").isin(v.item_ids))
+        images = images.filter(pc.field("item_id").isin(vision_ids))
         image_rows = sorted(
             (p, i)
             for p, i in zip(
@@ -142,10 +161,53 @@ class StudyInputs:
                     else f" (perturbation {image_perturbation}/{text_perturbation})"
                 )
             )
-        pair_ids = np.array([p for p, _ in image_rows], dtype=object)
-        v = self.rows(v, [i for _, i in image_rows])
-        t = self.rows(t, embedded["item_id"].to_numpy(zero_copy_only=False))
-        return v, mean_by_group(t, embedded["pair_id"].to_numpy(zero_copy_only=False), pair_ids)
+        return Pairing(
+            image_ids=np.array([i for _, i in image_rows], dtype=object),
+            pair_ids=np.array([p for p, _ in image_rows], dtype=object),
+            caption_ids=embedded["item_id"].to_numpy(zero_copy_only=False),
+            caption_pairs=embedded["pair_id"].to_numpy(zero_copy_only=False),
+        )
+
+    def pairs(
+        self, image_perturbation: str = NO_PERTURBATION, text_perturbation: str = NO_PERTURBATION
+    ) -> tuple[LayerStack, LayerStack]:
+        """Both models' stacks in the rows of :meth:`pairing`: row i of each is image i."""
+        pairing = self.pairing(image_perturbation, text_perturbation)
+        v = self.rows(self.stack("vision", image_perturbation), pairing.image_ids)
+        t = self.rows(self.stack("language", text_perturbation), pairing.caption_ids)
+        return v, mean_by_group(t, pairing.caption_pairs, pairing.pair_ids)
+
+    def sources(self) -> tuple[LakeLayers, LakeLayers]:
+        """The unperturbed pairing as per-layer sources: what sharded tasks read, one layer
+        at a time, instead of the whole stacks."""
+        pairing = self.pairing()
+        v, t = self.vision, self.language
+        names = {}
+        for side in ("vision", "language"):
+            record = self.lake.partitions(self.dataset, self.spec(side).name)[NO_PERTURBATION]
+            names[side] = record["layer_names"] or [str(i) for i in range(record["layers"])]
+        return (
+            LakeLayers(
+                self.lake,
+                self.dataset,
+                v.name,
+                v.pooling[0],
+                NO_PERTURBATION,
+                pairing.image_ids,
+                tuple(layer_labels_of(v.name, list(names["vision"]))),
+            ),
+            LakeLayers(
+                self.lake,
+                self.dataset,
+                t.name,
+                t.pooling[0],
+                NO_PERTURBATION,
+                pairing.caption_ids,
+                tuple(layer_labels_of(t.name, list(names["language"]))),
+                groups=pairing.caption_pairs,
+                order=pairing.pair_ids,
+            ),
+        )
 
     def where(self, study: str, run_id: str) -> dict:
         """The fields every results row of ``study`` shares, for ``results.grid_rows``."""
@@ -158,9 +220,24 @@ class StudyInputs:
         }
 
 
+@dataclass(frozen=True)
+class Pairing:
+    """Row i of the vision side is ``image_ids[i]``; its text side is the mean of the
+    captions ``caption_ids`` whose ``caption_pairs`` equals ``pair_ids[i]``."""
+
+    image_ids: np.ndarray
+    pair_ids: np.ndarray
+    caption_ids: np.ndarray
+    caption_pairs: np.ndarray
+
+
+def layer_labels_of(model: str, names: list[str]) -> list[str]:
+    return [f"{model} layer {i} ({n})" for i, n in enumerate(names)]
+
+
 def layer_labels(stack: LayerStack) -> list[str]:
     names = stack.layer_names or [str(i) for i in range(len(stack.layers))]
-    return [f"{stack.model} layer {i} ({n})" for i, n in enumerate(names)]
+    return layer_labels_of(stack.model, names)
 
 
 def thirds(values: np.ndarray) -> np.ndarray:

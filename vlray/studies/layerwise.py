@@ -1,33 +1,70 @@
 """Layerwise alignment: every (vision layer, language layer) pair, with bootstrap CIs and a
-permutation null (He, Trott & Khosla 2025; the field's standard comparison)."""
+permutation null (He, Trott & Khosla 2025; the field's standard comparison).
+
+The grid is the expensive study (layers x layers x (1 + resamples + permutations) scores), so
+by default it runs as many Ray tasks (:mod:`vlray.shards`): blocks of layers read from the lake
+one layer at a time, shards of resamples and permutations, each task within
+``options.memory_per_task``. It then runs from the driver, which submits the tasks; with
+``options.shard`` off it runs in the calling task on both whole stacks. The numbers are the
+same either way, up to float rounding.
+"""
 
 from __future__ import annotations
 
-from vlray import metrics
+from vlray import metrics, shards
 from vlray.results import grid_rows
 
 from .inputs import StudyInputs, layer_labels
+
+# Fans out its own Ray tasks: run from the driver, not inside a task (a waiting task would
+# hold its GPU share while its shards queue for one).
+SUBMITS_TASKS = True
 
 
 def run(inputs: StudyInputs, run_id: str) -> list[dict]:
     """One row per (metric, vision layer, language layer), condition ``none``."""
     options = inputs.options
-    v, t = inputs.pairs()
+    where = inputs.where("layerwise", run_id)
+    scoring = {
+        "n_bootstrap": options.bootstrap,
+        "n_permutations": options.permutations,
+        "confidence": options.confidence,
+        "seed": options.seed,
+    }
     rows = []
+    if not options.shard:
+        v, t = inputs.pairs()
+        for metric in options.metrics:
+            stats = metrics.grid_stats(
+                v.layers,
+                t.layers,
+                metric,
+                labels_x=layer_labels(v),
+                labels_y=layer_labels(t),
+                **scoring,
+                **options.metric_kw(metric),
+            )
+            rows += grid_rows(stats, metric=metric, condition="none", **where)
+        return rows
+    v, t = inputs.sources()
+    pending, layer_refs = [], None
     for metric in options.metrics:
-        stats = metrics.grid_stats(
-            v.layers,
-            t.layers,
+        grid = shards.submit(
+            v,
+            t,
             metric,
-            n_bootstrap=options.bootstrap,
-            n_permutations=options.permutations,
-            confidence=options.confidence,
-            seed=options.seed,
-            labels_x=layer_labels(v),
-            labels_y=layer_labels(t),
+            memory_per_task=options.memory_per_task,
+            cpus_per_task=options.cpus_per_task,
+            gpus_per_task=options.gpus_per_task or 0.0,
+            layer_refs=layer_refs,
+            **scoring,
             **options.metric_kw(metric),
         )
-        rows += grid_rows(
-            stats, metric=metric, condition="none", **inputs.where("layerwise", run_id)
-        )
+        layer_refs = grid.layer_refs  # every metric reads the same layers once
+        pending.append((metric, grid))
+    for metric, grid in pending:
+        stats, report = grid.result()
+        inputs.tasks += report.total_tasks
+        inputs.peak_task_bytes = max(inputs.peak_task_bytes, report.peak_task_bytes)
+        rows += grid_rows(stats, metric=metric, condition="none", **where)
     return rows

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vlray.shards import DEFAULT_MEMORY_PER_TASK
+
 STUDY_NAMES = ("layerwise", "perturbation", "forced_choice", "exemplar", "concept_retrieval")
 
 
@@ -73,6 +75,10 @@ class AlignOptions:
     concept_retrieval: ConceptRetrievalOptions = field(default_factory=ConceptRetrievalOptions)
     cpus_per_task: float = 1.0
     gpus_per_task: float | None = None  # None: a quarter GPU when the cluster has GPUs
+    # The layerwise grid runs as many Ray tasks (blocks of layers x shards of resamples and
+    # permutations), each within this many bytes; False: the whole grid in one task.
+    shard: bool = True
+    memory_per_task: int = DEFAULT_MEMORY_PER_TASK
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.studies if s not in STUDY_NAMES]
