@@ -68,6 +68,7 @@ def test_sharded_grid_equals_one_task(ray_session, grid_arrays, metric):
     assert len(report.plan.bootstrap_shards) > 1 and len(report.plan.permutation_shards) > 1
     assert report.tasks["null"] == 12 * len(report.plan.permutation_shards)
     assert report.tasks["side"] == 7  # each layer's precomputation once, shared by its blocks
+    assert report.total_tasks == report.plan.tasks(reads=False)  # arrays: no lake reads
     _assert_same(got, want, metric)
     assert np.isfinite(got.ci_low).all() and np.isfinite(got.p_value).all()
 
@@ -86,6 +87,16 @@ def test_bad_input_inside_a_task_is_the_metric_error(ray_session, grid_arrays):
     with pytest.raises(MetricInputError, match="layer 2"):
         shards.grid_stats(
             shards.ArrayLayers.put(constant), shards.ArrayLayers.put(ys), "cka", workers=2
+        )
+
+
+def test_sides_of_unequal_rows_are_refused_naming_the_layers(ray_session, grid_arrays):
+    xs, ys = grid_arrays
+    with pytest.raises(MetricInputError, match=r"v2: 40 rows, but v0 has 48"):
+        shards.ArrayLayers.put([xs[0], xs[1], xs[2][:40]], ["v0", "v1", "v2"])
+    with pytest.raises(MetricInputError, match="the two sides must hold the same items"):
+        shards.submit(
+            shards.ArrayLayers.put(xs), shards.ArrayLayers.put([y[:40] for y in ys]), "cka"
         )
 
 

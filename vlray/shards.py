@@ -98,12 +98,21 @@ class ArrayLayers:
 
     @classmethod
     def put(cls, arrays: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> ArrayLayers:
-        layers = [as_layer(a, f"layer {i}") for i, a in enumerate(arrays)]
-        if len({layer.n for layer in layers}) > 1:
-            raise MetricInputError("every layer of a side must have the same number of rows")
+        labels = tuple(labels or [f"layer {i}" for i in range(len(arrays))])
+        if not len(arrays) or len(labels) != len(arrays):
+            raise MetricInputError(
+                f"expected at least one layer and one label per layer, got {len(arrays)} "
+                f"layers and {len(labels)} labels"
+            )
+        layers = [as_layer(a, label) for a, label in zip(arrays, labels, strict=True)]
+        for layer in layers[1:]:
+            if layer.n != layers[0].n:
+                raise MetricInputError(
+                    f"{layer.label}: {layer.n} rows, but {layers[0].label} has {layers[0].n}"
+                )
         return cls(
             tuple(ray.put(np.asarray(a)) for a in arrays),
-            tuple(labels or [f"layer {i}" for i in range(len(arrays))]),
+            labels,
             tuple((layer.n, layer.width) for layer in layers),
         )
 
@@ -130,6 +139,14 @@ class GridPlan:
     bootstrap_shards: tuple[range, ...]
     permutation_shards: tuple[range, ...]
     block_bytes: int  # the largest block pair's estimated working memory
+
+    def tasks(self, reads: bool = True) -> int:
+        """Tasks of the grid: a side per layer (and a read per layer with ``reads``), then a
+        null task per block pair and permutation shard, a bootstrap task per resample shard."""
+        layers = sum(map(len, self.blocks_x)) + sum(map(len, self.blocks_y))
+        pairs = len(self.blocks_x) * len(self.blocks_y)
+        shards = len(self.bootstrap_shards) + len(self.permutation_shards)
+        return layers * (2 if reads else 1) + pairs * shards
 
 
 def scratch_bytes(memory_per_task: int) -> int:
@@ -490,7 +507,8 @@ def submit(
     n = source_x.n
     if source_y.n != n:
         raise MetricInputError(
-            f"{source_x.labels[0]}: {n} rows, {source_y.labels[0]}: {source_y.n}"
+            f"{source_y.labels[0]}: {source_y.n} rows, but {source_x.labels[0]} has {n}; the "
+            "two sides must hold the same items in the same order"
         )
     need, why = impl.min_rows(opts)
     if n < need:
@@ -535,13 +553,12 @@ def submit(
     side_task = ray.remote(_side_of_layer).options(num_returns=2, **resources)
     sides_x, sides_y, side_peaks = [], [], []
     for refs, labels, sides in ((xs, source_x.labels, sides_x), (ys, source_y.labels, sides_y)):
-        if plan.permutation_shards:
-            for ref, label in zip(refs, labels, strict=True):
-                side, peak = side_task.remote(
-                    ref, label, metric, opts, device, dtype_name, cpus_per_task, scratch
-                )
-                sides.append(side)
-                side_peaks.append(peak)
+        for ref, label in zip(refs, labels, strict=True):
+            side, peak = side_task.remote(
+                ref, label, metric, opts, device, dtype_name, cpus_per_task, scratch
+            )
+            sides.append(side)
+            side_peaks.append(peak)
     report.tasks["side"] = len(side_peaks)
     null_task = ray.remote(_null_block).options(**resources)
     boot_task = ray.remote(_bootstrap_block).options(**resources)

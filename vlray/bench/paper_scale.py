@@ -79,11 +79,7 @@ def _tasks(n: int, wx: list[int], wy: list[int], budget: int, workers: int, reps
         workers=workers,
         itemsize=itemsize,
     )
-    blocks = len(plan.blocks_x) * len(plan.blocks_y)
-    tasks = 2 * (len(wx) + len(wy)) + blocks * (
-        len(plan.bootstrap_shards) + len(plan.permutation_shards)
-    )
-    return tasks, budget
+    return plan.tasks(), budget
 
 
 def paper_scale(
