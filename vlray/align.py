@@ -93,8 +93,8 @@ def align_pair(
     """Run ``studies`` for one (dataset, vision, language) on ``lake`` (pinned at the
     embeddings version the scores will record) and commit each study's rows.
 
-    Each study's summary counts the Ray tasks it ran: its share of this task (1 for the
-    first) plus the tasks it fanned out itself."""
+    Each study's summary counts the Ray tasks it fanned out itself (0 for a study that ran
+    in the calling task)."""
     lake = Lake(lake) if isinstance(lake, str) else lake
     v_spec, l_spec = ModelSpec(**vision), ModelSpec(**language)
     inputs = StudyInputs(lake, dataset, v_spec, l_spec, options)
@@ -144,12 +144,7 @@ def _align_task(*args) -> dict:
     options = args[4]
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(options.cpus_per_task)))
-    summary = align_pair(*args)
-    for s in summary["studies"].values():
-        if "tasks" in s:  # the first study that wrote rows counts this task
-            s["tasks"] += 1
-            break
-    return summary
+    return align_pair(*args)
 
 
 def run_align(
@@ -242,5 +237,7 @@ def run_align(
         summary = ray.get(ref) if ref is not None else by_driver
         studies = {**by_driver["studies"], **(summary["studies"] if ref is not None else {})}
         summary["studies"] = {**fresh, **{s: studies[s] for s in todo}}
+        # the pair's own task, if it had studies to run, and every task the others fanned out
+        summary["tasks"] = (ref is not None) + sum(s.get("tasks", 0) for s in studies.values())
         results.append(summary)
     return done + results

@@ -78,7 +78,8 @@ def _lake_of(args: argparse.Namespace, config) -> str:
 
 def _print_align(done: list[dict], started: float) -> int:
     """Print the align summary; the exit status: 1 if any study failed, else 0."""
-    written, failed, tasks = 0, 0, 0
+    written, failed = 0, 0
+    tasks = sum(r.get("tasks", 0) for r in done)
     for r in done:
         print(f"  {r['dataset']} | {r['vision_model']} x {r['language_model']}")
         for study, s in r["studies"].items():
@@ -91,11 +92,8 @@ def _print_align(done: list[dict], started: float) -> int:
                 line = f"FAILED: {s['failed']}"
             else:
                 written += s["rows"]
-                tasks += s["tasks"]
-                line = (
-                    f"n={s['n']:<6} {s['rows']:>6} scores  {s['seconds']:6.1f}s  "
-                    f"{s['tasks']:>4} task(s)"
-                )
+                where = f"{s['tasks']:>4} task(s)" if s["tasks"] else "in the pair's task"
+                line = f"n={s['n']:<6} {s['rows']:>6} scores  {s['seconds']:6.1f}s  {where}"
             print(f"    {study:<18} {line}")
     print(
         f"align: {len(done)} model pair(s), {written} scores written to the alignment table "

@@ -14,9 +14,11 @@ The tasks of one grid, all scheduled with Ray's own resources and retried by Ray
 worker dies (``max_retries``):
 
 ============  ===============================================================================
-layer         one layer's paired rows, read from the lake (column and partition pruned)
-side          one layer's precomputation on the data as given (neighbour tables, Gram
+read          one block's layers as paired rows, read from the lake one layer at a time
+              (column and partition pruned), one object-store entry per layer
+side          one block's precomputation on the data as given (neighbour tables, Gram
               vectors, feature statistics), computed once and shared through the object store
+              with every block pair it is part of
 null          (x block, y block, permutation shard): the null scores, from the shared sides
               (and the grid's value, in a block's first shard)
 bootstrap     (x block, y block, resample shard): the grid on each resample, from the layers
@@ -43,7 +45,7 @@ import torch
 from ray.exceptions import RayTaskError
 
 from vlray.metrics import GridStats, MetricInputError
-from vlray.metrics.base import concat_sides, to_device
+from vlray.metrics.base import to_device
 from vlray.metrics.engine import get_metric, setup
 from vlray.metrics.inputs import Context, as_layer, resolve_dtype
 from vlray.metrics.stats import check_confidence, null_scores, replicates, summarise
@@ -67,6 +69,7 @@ __all__ = [
     "PeakMemory",
     "PendingGrid",
     "ShardReport",
+    "cluster_workers",
     "grid_stats",
     "layer_bytes",
     "min_memory_per_task",
@@ -141,12 +144,12 @@ class GridPlan:
     block_bytes: int  # the largest block pair's estimated working memory
 
     def tasks(self, reads: bool = True) -> int:
-        """Tasks of the grid: a side per layer (and a read per layer with ``reads``), then a
+        """Tasks of the grid: a side per block (and a read per block with ``reads``), then a
         null task per block pair and permutation shard, a bootstrap task per resample shard."""
-        layers = sum(map(len, self.blocks_x)) + sum(map(len, self.blocks_y))
+        blocks = len(self.blocks_x) + len(self.blocks_y)
         pairs = len(self.blocks_x) * len(self.blocks_y)
         shards = len(self.bootstrap_shards) + len(self.permutation_shards)
-        return layers * (2 if reads else 1) + pairs * shards
+        return blocks * (2 if reads else 1) + pairs * shards
 
 
 def scratch_bytes(memory_per_task: int) -> int:
@@ -326,27 +329,30 @@ def _prepare(cpus: float, metric: str, opts: dict, device: str, dtype: str) -> N
 _WARMED: set[tuple[str, str, str]] = set()
 
 
-def _load_layer(source: LayerSource, layer: int) -> np.ndarray:
-    return np.ascontiguousarray(source.load(layer))
+def _read_block(source: LayerSource, layers: tuple[int, ...]) -> Any:
+    """A block's layers, read one at a time; one object-store entry each (Ray's
+    ``num_returns``), so any task can take any layer."""
+    arrays = tuple(np.ascontiguousarray(source.load(i)) for i in layers)
+    return arrays[0] if len(arrays) == 1 else arrays
 
 
-def _side_of_layer(
-    data: np.ndarray,
-    label: str,
+def _side_of_block(
     metric: str,
     opts: dict,
+    labels: tuple[str, ...],
     device: str,
     dtype: str,
     cpus: float,
     scratch: int,
+    *arrays: np.ndarray,
 ) -> tuple[Any, int]:
     _prepare(cpus, metric, opts, device, dtype)
     with PeakMemory() as mem:
         ctx = Context(
-            metric, torch.device(device), getattr(torch, dtype), data.shape[0], None, scratch
+            metric, torch.device(device), getattr(torch, dtype), arrays[0].shape[0], None, scratch
         )
-        side = get_metric(metric).side([as_layer(data, label)], opts, ctx)
-        side = to_device(side, "cpu")
+        layers = [as_layer(a, label) for a, label in zip(arrays, labels, strict=True)]
+        side = to_device(get_metric(metric).side(layers, opts, ctx), "cpu")
     return side, mem.peak
 
 
@@ -382,15 +388,13 @@ class _Block:
 
 
 def _null_block(
-    block: _Block, want_value: bool, *arrays_and_sides: Any
+    block: _Block, want_value: bool, side_x: Any, side_y: Any, *arrays: np.ndarray
 ) -> tuple[np.ndarray | None, np.ndarray, int]:
     _prepare(block.cpus, block.metric, block.opts, block.device, block.dtype)
-    nx, ny = len(block.labels_x), len(block.labels_y)
-    arrays, sides = arrays_and_sides[: nx + ny], arrays_and_sides[nx + ny :]
     with PeakMemory() as mem:
         problem = block.problem(arrays)
-        sx = to_device(concat_sides(sides[:nx]), problem.device)
-        sy = to_device(concat_sides(sides[nx:]), problem.device)
+        sx = to_device(side_x, problem.device)
+        sy = to_device(side_y, problem.device)
         value = problem.evaluate(sx, sy, problem.context()) if want_value else None
         nulls = null_scores(problem, sx, sy, block.indices, block.seed)
     return value, nulls, mem.peak
@@ -465,13 +469,28 @@ class PendingGrid:
         return summarise(value, reps, nulls, self.confidence, self.n), self.report
 
 
-def _layer_refs(source: LayerSource, options: dict, report: ShardReport) -> list[Any]:
+def _layer_refs(
+    source: LayerSource, blocks: tuple[tuple[int, ...], ...], options: dict, report: ShardReport
+) -> list[Any]:
+    """One object-store reference per layer: read by one task per block (none for arrays
+    already in the store)."""
     if isinstance(source, ArrayLayers):
         return list(source.refs)
-    load = ray.remote(_load_layer).options(**options)
-    refs = [load.remote(source, i) for i in range(len(source.labels))]
-    report.tasks["layer"] = report.tasks.get("layer", 0) + len(refs)
+    read = ray.remote(_read_block)
+    refs: list[Any] = []
+    for block in blocks:
+        got = read.options(num_returns=len(block), **options).remote(source, block)
+        refs += [got] if len(block) == 1 else list(got)
+    report.tasks["read"] = report.tasks.get("read", 0) + len(blocks)
     return refs
+
+
+def cluster_workers(cpus_per_task: float, gpus_per_task: float) -> int:
+    """How many tasks of this shape the cluster runs at once."""
+    resources = ray.cluster_resources()
+    if gpus_per_task > 0:
+        return max(1, int(resources.get("GPU", 1) / gpus_per_task))
+    return max(1, int(resources.get("CPU", 1) / max(cpus_per_task, 1e-9)))
 
 
 def submit(
@@ -521,11 +540,7 @@ def submit(
     widths_x, widths_y = source_x.widths(), source_y.widths()
     opts = impl.plan(widths_x, widths_y, opts, Context(metric, torch.device(device), dtype, n))
     if workers is None:
-        resources = ray.cluster_resources()
-        if gpus_per_task > 0:
-            workers = int(resources.get("GPU", 1) / gpus_per_task)
-        else:
-            workers = int(resources.get("CPU", 1) / max(cpus_per_task, 1e-9))
+        workers = cluster_workers(cpus_per_task, gpus_per_task)
     plan = plan_grid(
         n,
         widths_x,
@@ -544,20 +559,32 @@ def submit(
     resources = {"num_cpus": cpus_per_task, "num_gpus": gpus_per_task, "max_retries": MAX_RETRIES}
     if layer_refs is None:
         layer_refs = (
-            _layer_refs(source_x, resources, report),
-            _layer_refs(source_y, resources, report),
+            _layer_refs(source_x, plan.blocks_x, resources, report),
+            _layer_refs(source_y, plan.blocks_y, resources, report),
         )
     xs, ys = layer_refs
     dtype_name = str(dtype).removeprefix("torch.")
     scratch = scratch_bytes(memory_per_task)
-    side_task = ray.remote(_side_of_layer).options(num_returns=2, **resources)
-    sides_x, sides_y, side_peaks = [], [], []
-    for refs, labels, sides in ((xs, source_x.labels, sides_x), (ys, source_y.labels, sides_y)):
-        for ref, label in zip(refs, labels, strict=True):
+    # Each block's precomputation once, shared by every block pair it is part of.
+    side_task = ray.remote(_side_of_block).options(num_returns=2, **resources)
+    sides: dict[tuple[str, tuple[int, ...]], Any] = {}
+    side_peaks = []
+    for axis, blocks, refs, labels in (
+        ("x", plan.blocks_x, xs, source_x.labels),
+        ("y", plan.blocks_y, ys, source_y.labels),
+    ):
+        for b in blocks:
             side, peak = side_task.remote(
-                ref, label, metric, opts, device, dtype_name, cpus_per_task, scratch
+                metric,
+                opts,
+                tuple(labels[i] for i in b),
+                device,
+                dtype_name,
+                cpus_per_task,
+                scratch,
+                *(refs[i] for i in b),
             )
-            sides.append(side)
+            sides[axis, b] = side
             side_peaks.append(peak)
     report.tasks["side"] = len(side_peaks)
     null_task = ray.remote(_null_block).options(**resources)
@@ -581,9 +608,10 @@ def submit(
                 )
 
             arrays = [xs[i] for i in bx] + [ys[j] for j in by]
-            shared = [sides_x[i] for i in bx] + [sides_y[j] for j in by]
             for s, shard in enumerate(plan.permutation_shards):
-                ref = null_task.remote(block(shard), s == 0, *arrays, *shared)
+                ref = null_task.remote(
+                    block(shard), s == 0, sides["x", bx], sides["y", by], *arrays
+                )
                 null_refs.append((bx, by, shard, ref))
             for shard in plan.bootstrap_shards:
                 boot_refs.append((bx, by, shard, boot_task.remote(block(shard), *arrays)))

@@ -55,7 +55,8 @@ def _align(planted, metric: str, **options) -> tuple[float, dict]:
     began = time.perf_counter()
     (summary,) = run_align(planted.uri, [planted.dataset], [planted.vision, planted.language], opts)
     seconds = time.perf_counter() - began
-    return seconds, summary["studies"]["layerwise"]
+    # the pair's Ray tasks: one for (a), the grid's shards otherwise
+    return seconds, {**summary["studies"]["layerwise"], "tasks": summary["tasks"]}
 
 
 def bench_align(

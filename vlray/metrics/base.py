@@ -11,9 +11,8 @@ A metric scores a whole layer grid in two steps:
 their rows permuted (``Y[perm]``); the permutation null reuses the per-layer work that way
 instead of recomputing it for every permutation.
 
-Sides are frozen dataclasses whose list fields hold one entry per layer (and whose stacked
-tensor fields are marked ``PER_LAYER``), so the sides of consecutive layer blocks, computed
-by different tasks, join into one with :func:`concat_sides`.
+Sides are frozen dataclasses of tensors, so :func:`to_device` moves any of them (sharded
+tasks pass them through Ray's object store on the CPU).
 """
 
 from __future__ import annotations
@@ -25,24 +24,6 @@ from typing import Any
 import torch
 
 from .inputs import Context, LayerInput, resolve_options
-
-# Field metadata of a side's tensor stacked over layers (dimension 0 is the layer).
-PER_LAYER = {"per_layer": True}
-
-
-def concat_sides(parts: Sequence[Any]) -> Any:
-    """One side from the sides of consecutive layer blocks (same metric, rows and options):
-    per-layer lists are joined, ``PER_LAYER`` tensors concatenated, the rest shared."""
-    if len(parts) == 1:
-        return parts[0]
-    merged = {}
-    for f in dataclasses.fields(parts[0]):
-        values = [getattr(p, f.name) for p in parts]
-        if isinstance(values[0], list):
-            merged[f.name] = [v for vs in values for v in vs]
-        elif f.metadata.get("per_layer"):
-            merged[f.name] = torch.cat(values)
-    return dataclasses.replace(parts[0], **merged)
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:

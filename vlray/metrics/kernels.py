@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from .base import PER_LAYER, Metric
+from .base import Metric
 from .inputs import (
     Context,
     LayerInput,
@@ -147,7 +147,7 @@ class GramSide:
     """Per-layer unit vectors over the upper triangle, stacked ``(L, P)``."""
 
     labels: list[str]
-    vectors: torch.Tensor = field(metadata=PER_LAYER)
+    vectors: torch.Tensor
     offset: int
     n: int
 
@@ -220,7 +220,7 @@ class FeatureSide:
     layers: list[LayerInput]
     preps: list[Preprocessor]
     means: list[torch.Tensor]  # column means after preprocessing (HSIC centring)
-    self_norms: torch.Tensor = field(metadata=PER_LAYER)  # ||Xc^T Xc||_F per layer
+    self_norms: torch.Tensor  # ||Xc^T Xc||_F per layer
     rows: torch.Tensor | None  # rows of the sample (bootstrap, permutation), None: all
 
     def block(self, start: int, stop: int, ctx: Context) -> torch.Tensor:

@@ -48,6 +48,9 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
         return rows
     v, t = inputs.sources()
     pending, layer_refs = [], None
+    gpus = options.gpus_per_task or 0.0
+    # The metrics' grids are submitted together: they share the cluster's workers.
+    workers = max(1, shards.cluster_workers(options.cpus_per_task, gpus) // len(options.metrics))
     for metric in options.metrics:
         grid = shards.submit(
             v,
@@ -55,7 +58,8 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
             metric,
             memory_per_task=options.memory_per_task,
             cpus_per_task=options.cpus_per_task,
-            gpus_per_task=options.gpus_per_task or 0.0,
+            gpus_per_task=gpus,
+            workers=workers,
             layer_refs=layer_refs,
             **scoring,
             **options.metric_kw(metric),
