@@ -7,6 +7,7 @@ them selects files from the Delta log before any file is read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,12 +146,29 @@ def mean_by_group(stack: LayerStack, groups: np.ndarray, order: np.ndarray) -> L
     return LayerStack(stack.model, np.asarray(order), layers, stack.layer_names, stack.pooling)
 
 
+def layer_widths(
+    lake: Lake, dataset: str, model: str, pooling: str, perturbation: str, layers: int
+) -> tuple[int, ...]:
+    """Each layer's width, from one row of each layer's partition."""
+    source = lake.dataset("embeddings")
+    partition = _partition(dataset, model, perturbation, pooling)
+    widths = []
+    for layer in range(layers):
+        row = source.head(1, columns=["embedding"], filter=partition & (pc.field("layer") == layer))
+        if row.num_rows == 0:
+            raise EmbeddingsNotFound(
+                f"model '{model}' layer {layer}: no rows in dataset '{dataset}'"
+            )
+        widths.append(len(row["embedding"][0]))
+    return tuple(widths)
+
+
 @dataclass(frozen=True)
 class LakeLayers:
-    """One model's layers as the rows of a pairing, read from the lake one layer at a time.
+    """One model's layers as the rows of a pairing, read from the lake a few layers at a time.
 
-    What a task that must not hold a whole stack is given: ``load(layer)`` reads that layer's
-    partition only, takes the rows of ``item_ids`` in order and, with ``groups``, averages the
+    What a task that must not hold a whole stack is given: ``load(layers)`` reads those layers'
+    partitions only, takes the rows of ``item_ids`` in order and, with ``groups``, averages the
     rows sharing a group key into one row per key of ``order`` (an image's captions).
     """
 
@@ -161,6 +179,7 @@ class LakeLayers:
     perturbation: str
     item_ids: np.ndarray
     labels: tuple[str, ...]
+    widths: tuple[int, ...]
     groups: np.ndarray | None = None
     order: np.ndarray | None = None
 
@@ -168,25 +187,11 @@ class LakeLayers:
     def n(self) -> int:
         return len(self.item_ids if self.order is None else self.order)
 
-    def load(self, layer: int) -> np.ndarray:
+    def load(self, layers: Sequence[int]) -> list[np.ndarray]:
         stack = load_layers(
-            self.lake, self.dataset, self.model, self.pooling, self.perturbation, [layer]
+            self.lake, self.dataset, self.model, self.pooling, self.perturbation, list(layers)
         )
         stack = take_rows(stack, self.item_ids)
         if self.groups is not None:
             stack = mean_by_group(stack, self.groups, self.order)
-        return stack.layers[0]
-
-    def widths(self) -> list[int]:
-        """Each layer's width, from one row of each layer's partition."""
-        source = self.lake.dataset("embeddings")
-        partition = _partition(self.dataset, self.model, self.perturbation, self.pooling)
-        widths = []
-        for layer in range(len(self.labels)):
-            row = source.head(
-                1, columns=["embedding"], filter=partition & (pc.field("layer") == layer)
-            )
-            if row.num_rows == 0:
-                raise EmbeddingsNotFound(f"model '{self.model}' layer {layer}: no rows")
-            widths.append(len(row["embedding"][0]))
-        return widths
+        return stack.layers

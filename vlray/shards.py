@@ -79,16 +79,15 @@ __all__ = [
 
 
 class LayerSource(Protocol):
-    """One side of a grid: ``n`` paired rows per layer, read one layer at a time."""
+    """One side of a grid: ``n`` paired rows per layer, read a block of layers at a time."""
 
     labels: tuple[str, ...]
+    widths: tuple[int, ...]
 
     @property
     def n(self) -> int: ...
 
-    def load(self, layer: int) -> np.ndarray: ...
-
-    def widths(self) -> list[int]: ...
+    def load(self, layers: Sequence[int]) -> list[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -123,11 +122,12 @@ class ArrayLayers:
     def n(self) -> int:
         return self.shapes[0][0]
 
-    def load(self, layer: int) -> np.ndarray:
-        return ray.get(self.refs[layer])
+    def load(self, layers: Sequence[int]) -> list[np.ndarray]:
+        return ray.get([self.refs[i] for i in layers])
 
-    def widths(self) -> list[int]:
-        return [w for _, w in self.shapes]
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(w for _, w in self.shapes)
 
 
 @dataclass(frozen=True)
@@ -330,9 +330,9 @@ _WARMED: set[tuple[str, str, str]] = set()
 
 
 def _read_block(source: LayerSource, layers: tuple[int, ...]) -> Any:
-    """A block's layers, read one at a time; one object-store entry each (Ray's
-    ``num_returns``), so any task can take any layer."""
-    arrays = tuple(np.ascontiguousarray(source.load(i)) for i in layers)
+    """A block's layers, read together; one object-store entry each (Ray's ``num_returns``),
+    so any task can take any layer."""
+    arrays = tuple(np.ascontiguousarray(a) for a in source.load(layers))
     return arrays[0] if len(arrays) == 1 else arrays
 
 
@@ -537,7 +537,7 @@ def submit(
         )
     device = "cuda" if gpus_per_task > 0 else "cpu"
     dtype = resolve_dtype(None, torch.device(device), n)
-    widths_x, widths_y = source_x.widths(), source_y.widths()
+    widths_x, widths_y = list(source_x.widths), list(source_y.widths)
     opts = impl.plan(widths_x, widths_y, opts, Context(metric, torch.device(device), dtype, n))
     if workers is None:
         workers = cluster_workers(cpus_per_task, gpus_per_task)

@@ -20,6 +20,7 @@ from vlray.embeddings import (
     LakeLayers,
     LayerStack,
     embedded_ids,
+    layer_widths,
     load_layers,
     mean_by_group,
     take_rows,
@@ -182,10 +183,19 @@ class StudyInputs:
         at a time, instead of the whole stacks."""
         pairing = self.pairing()
         v, t = self.vision, self.language
-        names = {}
+        names, widths = {}, {}
         for side in ("vision", "language"):
-            record = self.lake.partitions(self.dataset, self.spec(side).name)[NO_PERTURBATION]
+            spec = self.spec(side)
+            record = self.lake.partitions(self.dataset, spec.name)[NO_PERTURBATION]
             names[side] = record["layer_names"] or [str(i) for i in range(record["layers"])]
+            widths[side] = layer_widths(
+                self.lake,
+                self.dataset,
+                spec.name,
+                spec.pooling[0],
+                NO_PERTURBATION,
+                len(names[side]),
+            )
         return (
             LakeLayers(
                 self.lake,
@@ -195,6 +205,7 @@ class StudyInputs:
                 NO_PERTURBATION,
                 pairing.image_ids,
                 tuple(layer_labels_of(v.name, list(names["vision"]))),
+                widths["vision"],
             ),
             LakeLayers(
                 self.lake,
@@ -204,6 +215,7 @@ class StudyInputs:
                 NO_PERTURBATION,
                 pairing.caption_ids,
                 tuple(layer_labels_of(t.name, list(names["language"]))),
+                widths["language"],
                 groups=pairing.caption_pairs,
                 order=pairing.pair_ids,
             ),
