@@ -46,9 +46,15 @@ from ray.exceptions import RayTaskError
 
 from vlray.metrics import GridStats, MetricInputError
 from vlray.metrics.base import to_device
-from vlray.metrics.engine import get_metric, setup
+from vlray.metrics.engine import check_rows, get_metric, setup
 from vlray.metrics.inputs import Context, as_layer, resolve_dtype
-from vlray.metrics.stats import check_confidence, null_scores, replicates, summarise
+from vlray.metrics.stats import (
+    check_confidence,
+    check_count,
+    null_scores,
+    replicates,
+    summarise,
+)
 
 DEFAULT_MEMORY_PER_TASK = 2 << 30
 # Shards per worker: enough that unequal shards still keep every worker busy to the end,
@@ -517,9 +523,9 @@ def submit(
     another metric of the same pair. ``workers`` defaults to the cluster's CPUs (GPUs when
     ``gpus_per_task``) divided by one task's share.
     """
-    for name, v in (("n_bootstrap", n_bootstrap), ("n_permutations", n_permutations)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise MetricInputError(f"{name} must be a non-negative integer, got {v!r}")
+    check_count("n_bootstrap", n_bootstrap)
+    check_count("n_permutations", n_permutations)
+    check_count("seed", seed)
     confidence = check_confidence(confidence)
     impl = get_metric(metric)
     opts = impl.options(kw)
@@ -529,12 +535,7 @@ def submit(
             f"{source_y.labels[0]}: {source_y.n} rows, but {source_x.labels[0]} has {n}; the "
             "two sides must hold the same items in the same order"
         )
-    need, why = impl.min_rows(opts)
-    if n < need:
-        raise MetricInputError(
-            f"{source_x.labels[0]}: {n} rows; {impl.name} needs at least {need}"
-            + (f" ({why})" if why else "")
-        )
+    check_rows(impl, opts, n, source_x.labels[0])
     device = "cuda" if gpus_per_task > 0 else "cpu"
     dtype = resolve_dtype(None, torch.device(device), n)
     widths_x, widths_y = list(source_x.widths), list(source_y.widths)

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+from unittest import mock
 
 # The `ray` CLI next to this interpreter: the nodes then run the very Ray this process imports,
 # as a driver must (a driver and its cluster of different Ray versions refuse each other).
@@ -333,20 +334,17 @@ class LocalCluster:
 
         if ray.is_initialized():
             raise RuntimeError("Ray is already initialised in this process")
-        saved = {k: os.environ.get(k) for k in (*self.extra_env, "RAY_ADDRESS")}
         try:
-            # RAY_ADDRESS out of the way: ray.init's own address is this cluster's.
-            os.environ.pop("RAY_ADDRESS", None)
-            os.environ.update(self.extra_env)
-            _reload_ray_auth()
-            yield ray.init(address=self.gcs, **init)
+            # patch.dict restores the whole environment on exit, whatever was set or removed.
+            with mock.patch.dict(os.environ, self.extra_env):
+                # RAY_ADDRESS out of the way: ray.init's own address is this cluster's.
+                os.environ.pop("RAY_ADDRESS", None)
+                _reload_ray_auth()
+                try:
+                    yield ray.init(address=self.gcs, **init)
+                finally:
+                    ray.shutdown()
         finally:
-            ray.shutdown()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
             _reload_ray_auth()
 
     def stop(self) -> dict[int, int]:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 ENV = {
     "AWS_ACCESS_KEY_ID": "vlray-test",
@@ -124,14 +125,9 @@ def running(log_dir: Path) -> Iterator[S3Endpoint]:
     """A started endpoint with the standard AWS environment pointing at it; on exit the
     environment is restored and the server stopped by its pid."""
     endpoint = start(log_dir)
-    saved = {k: os.environ.get(k) for k in endpoint.env}
-    os.environ.update(endpoint.env)
     try:
-        yield endpoint
+        # patch.dict restores the environment as it was on exit.
+        with mock.patch.dict(os.environ, endpoint.env):
+            yield endpoint
     finally:
         endpoint.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -92,6 +92,15 @@ class Problem:
         return self.evaluate(*self.sides(ctx), ctx)
 
 
+def check_rows(impl: Metric, opts: dict, n: int, label: str) -> None:
+    """Refuse fewer rows than the metric is defined for, naming the layer and why."""
+    need, why = impl.min_rows(opts)
+    if n < need:
+        raise MetricInputError(
+            f"{label}: {n} rows; {impl.name} needs at least {need}" + (f" ({why})" if why else "")
+        )
+
+
 def setup(
     xs: Sequence[ArrayLike],
     ys: Sequence[ArrayLike],
@@ -108,12 +117,7 @@ def setup(
     opts = impl.options(options)
     layers_x, layers_y = check_layers(xs, ys, labels_x, labels_y)
     n = layers_x[0].n
-    need, why = impl.min_rows(opts)
-    if n < need:
-        raise MetricInputError(
-            f"{layers_x[0].label}: {n} rows; {impl.name} needs at least {need}"
-            + (f" ({why})" if why else "")
-        )
+    check_rows(impl, opts, n, layers_x[0].label)
     for layer in layers_x + layers_y:
         check_not_constant(layer, impl.name)
     dev = resolve_device(device)

@@ -38,7 +38,7 @@ class GridStats:
     n: int
 
 
-def _count(name: str, v: Any) -> int:
+def check_count(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         raise MetricInputError(f"{name} must be a non-negative integer, got {v!r}")
     return int(v)
@@ -132,8 +132,8 @@ def bootstrap_replicates(
     same as :func:`grid_stats` uses, so two calls over the same items give paired replicates:
     the interval of a difference between two scores comes from their replicate differences.
     """
-    n_boot = _count("n_bootstrap", n_bootstrap)
-    _count("seed", seed)
+    n_boot = check_count("n_bootstrap", n_bootstrap)
+    check_count("seed", seed)
     problem = setup(Xs, Ys, metric, labels_x, labels_y, device, dtype, kw)
     return replicates(problem, range(n_boot), seed)
 
@@ -175,10 +175,10 @@ def grid_stats(
     Returns:
         GridStats with ``(len(Xs), len(Ys))`` arrays.
     """
-    n_boot = _count("n_bootstrap", n_bootstrap)
-    n_perm = _count("n_permutations", n_permutations)
+    n_boot = check_count("n_bootstrap", n_bootstrap)
+    n_perm = check_count("n_permutations", n_permutations)
     confidence = check_confidence(confidence)
-    _count("seed", seed)
+    check_count("seed", seed)
     problem = setup(Xs, Ys, metric, labels_x, labels_y, device, dtype, kw)
     ctx = problem.context()
     sx, sy = problem.sides(ctx)
