@@ -2,6 +2,9 @@
 
     ray job submit --working-dir . -- python pipelines/align.py \
         --config pipelines/configs/demo.yaml --lake s3://bucket/lake
+
+Without ``--config`` it aligns every (vision, language) model pair the lake holds (the flags
+of `vlray align --help` apply).
 """
 
 import sys

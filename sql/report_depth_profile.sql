@@ -1,7 +1,10 @@
 -- Does alignment grow with vision depth? Per model pair and metric: the mean layerwise score
 -- over the deepest third of the vision layers (all language layers) against the shallowest
 -- third. A third is max(1, round(L / 3)) of the L distinct vision layers; NaN scores are left
--- out.
+-- out. For the verdict: the deep band's median permutation p-value and null mean (does it beat
+-- chance?), both bands' null means (raw scores of unrelated data also rise with depth, so the
+-- deep band must rise above its null by more than the shallow band does) and the mean of the
+-- deep band's bootstrap interval low ends (is it above the shallow band?).
 WITH grid AS (
     SELECT * FROM alignment
     WHERE study = 'layerwise' AND condition = 'none' AND value IS NOT NULL
@@ -18,7 +21,7 @@ layers AS (
 ),
 banded AS (
     SELECT g.dataset, g.vision_model, g.language_model, g.metric, g.vision_layer, g.value,
-           l.position, l.n_layers,
+           g.ci_low, g.null_mean, g.p_value, l.position, l.n_layers,
            greatest(1, round(l.n_layers / 3.0))::INTEGER AS band
     FROM grid g
     JOIN layers l USING (dataset, vision_model, language_model, metric, vision_layer)
@@ -29,6 +32,10 @@ SELECT dataset, vision_model, language_model, metric,
        count(DISTINCT vision_layer) FILTER (WHERE position >= n_layers - band) AS deep_layers,
        avg(value) FILTER (WHERE position >= n_layers - band) AS deep_mean,
        avg(value) FILTER (WHERE position < band) AS shallow_mean,
+       avg(ci_low) FILTER (WHERE position >= n_layers - band) AS deep_ci_low,
+       avg(null_mean) FILTER (WHERE position >= n_layers - band) AS deep_null_mean,
+       avg(null_mean) FILTER (WHERE position < band) AS shallow_null_mean,
+       median(p_value) FILTER (WHERE position >= n_layers - band) AS deep_median_p,
        min(vision_layer) FILTER (WHERE position >= n_layers - band) AS deep_from_layer,
        max(vision_layer) FILTER (WHERE position < band) AS shallow_to_layer
 FROM banded

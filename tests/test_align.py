@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlray.align import AlignOptions, paired_layers, run_align
+import vlray
+from vlray import metrics
+from vlray.align import AlignOptions, run_align
 from vlray.catalog import get_spec
 from vlray.cli import main
 from vlray.lake import Lake
@@ -30,13 +32,63 @@ def aligned(small_lake):
 
 def test_pairs_follow_pair_id_and_average_captions(small_lake):
     lake, _ = small_lake
-    v, t = paired_layers(
-        Lake(lake), "shapes", get_spec("efficientnet_lite0"), get_spec("minilm_l6"), OPTIONS
+    p = vlray.open_lake(lake).pairs("shapes", vision="efficientnet_lite0", language="minilm_l6")
+    assert len(p) == 192 + 4  # exemplars + scenes, all captioned
+    assert [m.shape[1] for m in p.vision] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
+    assert [m.shape[1] for m in p.language] == [384] * 7
+    assert p.vision_layers == list(range(9)) and p.language_layer_names[0] == "embeddings"
+    first = vlray.open_lake(lake).pairs(
+        "shapes", vision="efficientnet_lite0", language="minilm_l6", captions="first"
     )
-    assert len(v.item_ids) == len(t.item_ids) == 192 + 4  # exemplars + scenes, all captioned
-    assert list(v.item_ids) == list(t.item_ids)  # images' pair_id is their own id
-    assert [m.shape[1] for m in v.layers] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
-    assert [m.shape[1] for m in t.layers] == [384] * 7
+    assert list(first.ids) == list(p.ids)  # one caption per image here: the same rows
+
+
+def test_pairs_api_gives_the_arrays_the_layerwise_study_scored(aligned):
+    """`vlray.open_lake(L).pairs(...)` returns what the sharded layerwise tasks read, and
+    scoring it reproduces the alignment table."""
+    from vlray.studies import StudyInputs
+
+    lake, _ = aligned
+    p = vlray.open_lake(lake).pairs(
+        "shapes",
+        vision="efficientnet_lite0",
+        language="minilm_l6",
+        vision_layers=[0, 4, 8],
+        language_layers=[0, 4, 6],
+    )
+    sources = StudyInputs(
+        Lake(lake), "shapes", get_spec("efficientnet_lite0"), get_spec("minilm_l6"), OPTIONS
+    ).sources()
+    read = sources[0].load([0, 4, 8]), sources[1].load([0, 4, 6])
+    for mine, theirs in zip(p.vision + p.language[:1], read[0] + read[1][:1], strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    stored = {
+        (r["vision_layer"], r["language_layer"]): r["value"]
+        for r in run_query(
+            connect(lake),
+            "SELECT vision_layer, language_layer, value FROM alignment WHERE study = 'layerwise'"
+            " AND metric = 'cka' AND vision_model = 'efficientnet_lite0'"
+            " AND language_model = 'minilm_l6'",
+        ).to_pylist()
+    }
+    grid = metrics.grid(p.vision, p.language, "cka")
+    for a, i in enumerate(p.vision_layers):
+        for b, j in enumerate(p.language_layers):
+            assert grid[a, b] == pytest.approx(stored[i, j], rel=1e-5, abs=1e-6)
+    torch_pairs = vlray.open_lake(lake).pairs(
+        "shapes", vision="efficientnet_lite0", language="minilm_l6", layers="last", as_="torch"
+    )
+    assert torch_pairs.vision[0].shape == (196, 1280) and torch_pairs.vision_layers == [8]
+
+
+def test_concept_means_and_unknown_models_are_named(small_lake):
+    lake = vlray.open_lake(small_lake[0])
+    c = lake.concepts("shapes", vision="efficientnet_lite0", language="minilm_l6", layers="last")
+    assert len(c) == len(set(c.ids)) >= 4 and c.vision[0].shape == (len(c), 1280)
+    with pytest.raises(ValueError, match="no embeddings of model 'nope'.*it has: "):
+        lake.pairs("shapes", vision="nope", language="minilm_l6")
+    with pytest.raises(ValueError, match="has layers 0..8; asked for \\[9\\]"):
+        lake.pairs("shapes", vision="efficientnet_lite0", language="minilm_l6", layers=[9])
 
 
 def test_every_model_pair_gets_every_layer_pair_from_its_sharded_grid(aligned):
@@ -100,6 +152,66 @@ def test_align_cli_from_a_config(small_lake, tmp_path, capsys):
     assert np.isfinite([r["value"] for r in rsa]).all()
 
 
+def test_align_without_a_config_aligns_what_the_lake_holds(small_lake, capsys):
+    """`vlray align --lake L` and flags: every vision x language pair the lake holds (here
+    narrowed by --models), with the flags' options."""
+    lake, _ = small_lake
+    argv = ["align", "--lake", lake, "--models", "tiny_vit_random,tiny_gpt2_random,minilm_l6"]
+    flags = ["--studies", "layerwise", "--metrics", "cka", "--bootstrap", "0"]
+    assert main([*argv, *flags, "--permutations", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "shapes | tiny_vit_random x tiny_gpt2_random" in out
+    assert "shapes | tiny_vit_random x minilm_l6" in out
+    assert "2 model pair(s), 30 scores written" in out  # 3 x 3 + 3 x 7 layer pairs
+    assert main([*argv, "--metrics", "cka,voodoo"]) == 2
+    assert "field 'align.metrics.1': unknown metric 'voodoo'" in capsys.readouterr().err
+    assert main(["align", "--lake", lake, "--models", "clip_vit"]) == 2
+    assert "has no model 'clip_vit'; it has: efficientnet_lite0" in capsys.readouterr().err
+
+
+def test_a_metric_too_big_for_the_dataset_is_skipped_and_the_others_written(
+    small_lake, tmp_path, capsys
+):
+    """mutual_knn with k=150 cannot run on 196 items with bootstrap resamples: it is skipped
+    with the minimum n and the setting that would fit; CKA's scores are still written, and
+    the study log records both."""
+    lake, _ = small_lake
+    config = tmp_path / "knn.yaml"
+    config.write_text(
+        "datasets: [{name: shapes, source: shapes}]\n"
+        "models: [tiny_vit_random, tiny_gpt2_random]\n"
+        "align: {metrics: [mutual_knn, cka], metric_kwargs: {mutual_knn: {k: 150}},"
+        " bootstrap: 5, permutations: 0, studies: [layerwise, exemplar]}\n"
+    )
+    assert main(["align", "--config", str(config), "--lake", lake]) == 0
+    out = capsys.readouterr().out
+    n_min = metrics.min_items("mutual_knn", bootstrap=5, k=150)[0]
+    fit = metrics.fit_options("mutual_knn", 196, bootstrap=5, k=150)
+    assert n_min > 196 and 1 <= fit["k"] < 150
+    assert (
+        f"mutual_knn skipped: needs at least {n_min} items (k=150 neighbours besides the item "
+        f"itself; 151 distinct in every bootstrap resample); the dataset has 196; to score it, "
+        f"set align.metric_kwargs: {{mutual_knn: {{k: {fit['k']}}}}}, or add items"
+    ) in out
+    log = run_query(
+        connect(lake),
+        "SELECT study, metric, status, n, reason FROM study_log"
+        " WHERE vision_model = 'tiny_vit_random' AND language_model = 'tiny_gpt2_random'"
+        " ORDER BY ALL",
+    ).to_pylist()
+    statuses = {(r["study"], r["metric"], r["status"]) for r in log}
+    assert ("layerwise", "mutual_knn", "skipped") in statuses
+    assert ("layerwise", None, "written") in statuses
+    # exemplar scores concepts (few in the small world): mutual_knn k=150 is skipped there too
+    assert ("exemplar", "mutual_knn", "skipped") in statuses
+    cka = run_query(
+        connect(lake),
+        "SELECT count(*) AS n FROM alignment WHERE study = 'layerwise' AND metric = 'cka'"
+        " AND vision_model = 'tiny_vit_random' AND language_model = 'tiny_gpt2_random'",
+    ).to_pylist()
+    assert cka[0]["n"] == 9
+
+
 def test_bad_metric_in_config_names_the_field(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(
@@ -114,11 +226,16 @@ def test_all_five_studies_run_on_the_shapes_world_through_ray(small_lake):
     """Every study on the real small lake (trials, foils, vocabulary and perturbations from
     the shapes world), through one Ray task, with the results table's conventions."""
     from vlray.studies import STUDY_NAMES
-    from vlray.studies.options import ExemplarOptions
+    from vlray.studies.options import ExemplarOptions, PerturbationOptions
 
     lake, _ = small_lake
+    # 4 perturbed scenes: too few for bootstrap intervals of a drop (min_items), so none
     options = AlignOptions(
-        metrics=("cka",), bootstrap=5, permutations=5, exemplar=ExemplarOptions(draws=2)
+        metrics=("cka",),
+        bootstrap=5,
+        permutations=5,
+        exemplar=ExemplarOptions(draws=2),
+        perturbation=PerturbationOptions(bootstrap=0),
     )
     (done,) = run_align(
         lake, ["shapes"], [get_spec("efficientnet_lite0"), get_spec("minilm_l6")], options

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +17,7 @@ from vlray.catalog import get_spec
 from vlray.config import validate_config
 from vlray.lake import Lake
 from vlray.models import create_model
-from vlray.pipeline import run_extract
+from vlray.pipeline import ExtractSummary, normalised_reason, run_extract
 from vlray.sources.shapes import IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS
 from vlray.sql import connect, named_query, run_query
 
@@ -159,6 +162,72 @@ def test_a_failed_run_leaves_the_lake_as_it_was(small_lake, tmp_path):
         run_extract(validate_config(config, "t"), lake)
     assert lake_files(lake) == before
     assert Lake(lake).manifest().equals(manifest_before)
+
+
+def test_quarantine_reasons_are_grouped_without_what_differs_per_row():
+    assert normalised_reason("missing file: /data/img/7.png") == "missing file"
+    assert (
+        normalised_reason(
+            "cannot identify image file: 500 bytes starting with 5f82c2d9cfeb0fa3 are not in a "
+            "known image format"
+        )
+        == "cannot identify image file"
+    )
+    # A location before the colon is no cause: the detail stays, its particulars masked.
+    assert (
+        normalised_reason("row 12: the word 'cat' does not occur in the sentence 'a dog'")
+        == "row ...: the word ... does not occur in the sentence ..."
+    )
+    assert normalised_reason("duplicate item_id 'x' (first used at row 3)") == (
+        "duplicate item_id ... (first used at row ...)"
+    )
+    assert len(normalised_reason("very long " * 40)) == 72
+
+
+def test_summary_lists_the_top_reasons_and_the_query_for_them_all():
+    reasons = [(9 - i, f"image/decode: reason {i}") for i in range(7)]
+    summary = ExtractSummary(run_id="r1", lake="/tmp/a lake", reasons={"pairs": reasons})
+    lines = summary.lines()
+    assert lines[0] == "quarantine of pairs, top reasons (items):"
+    assert lines[1:6] == [f"  {9 - i:>6} image/decode: reason {i}" for i in range(5)]
+    assert lines[6].split() == ["and", "2", "more", "reason(s)"]
+    assert lines[7] == (
+        "  see them all: vlray sql --lake '/tmp/a lake' \"SELECT item_id, modality, stage, "
+        "reason FROM quarantine WHERE dataset = 'pairs'\""
+    )
+    assert lines[8].startswith("extract r1: 0 model run(s)")
+    # Nothing refused: no reasons, no pointer.
+    assert ExtractSummary(run_id="r2", lake="/l").lines()[0].startswith("extract r2: ")
+
+
+def test_ray_started_by_vlray_prints_no_start_up_notices(tmp_path):
+    """Ten 0.1-CPU tasks per CPU at once, all alive together: Ray's default expectation (one
+    worker per CPU, not counting 8 IO workers) makes its raylet print "N PYTHON worker
+    processes have been started ... 4x the maximum expected startup concurrency" on the
+    driver's stdout. Started through ensure_ray, which expects vlray's quarter-CPU tasks, Ray
+    prints neither that nor the token-auth notice, and the script's output is its own."""
+    cpus = len(os.sched_getaffinity(0))
+    if cpus > 4:
+        pytest.skip("needs ten worker processes per CPU at once; too many on this machine")
+    n = 10 * cpus
+    script = tmp_path / "fractional.py"
+    script.write_text(
+        "import time\n"
+        "import ray\n"
+        "from vlray.cluster import ensure_ray\n"
+        "ensure_ray()\n"
+        "nap = ray.remote(num_cpus=0.1)(lambda i: time.sleep(8) or i)\n"
+        f"print('sum', sum(ray.get([nap.remote(i) for i in range({n})])))\n"
+        "time.sleep(1)  # the raylet's warnings reach the driver shortly after\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_maximum_startup_concurrency"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"sum {sum(range(n))}"], done.stdout
+    assert "worker processes have been started" not in done.stderr
+    assert "Token authentication is enabled" not in done.stderr
 
 
 def test_embed_stage_turns_bad_rows_into_quarantine_records():

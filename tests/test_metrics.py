@@ -712,3 +712,28 @@ def test_degenerate_layers_raise(layers):
     mostly[:10] = np.random.default_rng(0).normal(size=(10, 3))
     with pytest.raises(MetricInputError, match="Y: the median pairwise distance is 0"):
         score(xs[0], mostly, "cka_rbf")
+
+
+def test_min_items_against_simulated_bootstrap_resamples():
+    """The minimum n with bootstrap resampling: at it, simulated resamples almost never fall
+    short of the metric's distinct items; one item fewer, they do more often than allowed."""
+    from vlray.metrics import fit_options, min_items
+    from vlray.metrics.stats import short_resample_chance
+
+    rng = np.random.default_rng(0)
+    for n, need in ((12, 3), (26, 11), (40, 20)):
+        draws = 40_000
+        distinct = np.array([len(np.unique(rng.integers(0, n, n))) for _ in range(draws)])
+        simulated = (distinct < need).mean()
+        exact = short_resample_chance(n, need)
+        assert abs(simulated - exact) < 4 * np.sqrt(exact * (1 - exact) / draws) + 1e-4
+    n, why = min_items("mutual_knn", bootstrap=100, k=10)
+    assert 100 * short_resample_chance(n, 11) <= 0.01 < 100 * short_resample_chance(n - 1, 11)
+    assert "k=10 neighbours" in why and "11 distinct in every bootstrap resample" in why
+    assert min_items("mutual_knn", k=10) == (11, "k=10 neighbours besides the item itself")
+    # the largest k that fits 20 items: it fits, k + 1 does not
+    k = fit_options("mutual_knn", 20, bootstrap=100)["k"]
+    assert min_items("mutual_knn", bootstrap=100, k=k)[0] <= 20
+    assert min_items("mutual_knn", bootstrap=100, k=k + 1)[0] > 20
+    assert fit_options("cka", 20, bootstrap=100) == {}
+    assert fit_options("unbiased_cka", 5, bootstrap=100) is None  # no option helps

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
+import vlray.align
+import vlray.pipeline
 from vlray.cli import main
 from vlray.sql import connect, run_query
 
@@ -27,22 +31,55 @@ def _config(path, catalog: str | None = None) -> str:
     return str(path)
 
 
-def test_refresh_does_only_what_changed(small_lake, tmp_path, capsys):
+def _refresh_in_a_process(config: str, lake: str) -> subprocess.CompletedProcess:
+    """`vlray refresh` as a user runs it: its own process, its own stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "vlray.cli", "refresh", "--config", config, "--lake", lake],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_refresh_does_only_what_changed(small_lake, tmp_path, capsys, monkeypatch):
     source, _ = small_lake
     lake = str(tmp_path / "lake")
     shutil.copytree(source, lake)
     config = _config(tmp_path / "refresh.yaml")
 
-    # Embeddings are there already; the alignment of the pair with these options is not.
+    # Embeddings are there already (one line says so); the alignment of the pair with these
+    # options is not.
     assert main(["refresh", "--config", config, "--lake", lake]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date (nothing to do)") == 2  # both models' embeddings
+    assert (
+        "extract: nothing new; the embeddings of 2 model(s) on 1 dataset(s) are up to date" in out
+    )
+    assert "up to date (nothing to do)" not in out  # no line per model when it did nothing
     assert "align: 1 model pair(s), 9 scores" in out
 
-    # Nothing new: nothing is computed, not a file is touched, and it says so.
+    # Nothing new: nothing is computed, not a file is touched, Ray is not even started, and
+    # one line says so.
     before = lake_files(lake)
-    assert main(["refresh", "--config", config, "--lake", lake]) == 0
-    assert "nothing new; the lake is up to date" in capsys.readouterr().out
+
+    def no_ray() -> None:
+        raise AssertionError("a refresh with nothing new started Ray")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(vlray.pipeline, "ensure_ray", no_ray)
+        patched.setattr(vlray.align, "ensure_ray", no_ray)
+        assert main(["refresh", "--config", config, "--lake", lake]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1, out
+    assert out.startswith(
+        "refresh: nothing new; the lake is up to date (1 dataset(s), 2 model(s), "
+        "1 model pair(s) checked in "
+    ), out
+    # The same from the command line: that one line on stdout, and nothing at all on stderr.
+    done = _refresh_in_a_process(config, lake)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1, done.stdout
+    assert done.stdout.startswith("refresh: nothing new; the lake is up to date ("), done.stdout
+    assert done.stderr == ""
     assert lake_files(lake) == before
 
     # A changed layer config makes that model's partitions stale: they are recomputed and

@@ -6,15 +6,19 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from html import escape as html_escape
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
+from vlray.items import ITEMS_SCHEMA, QUARANTINE_SCHEMA
 from vlray.lake import Lake
-from vlray.report import FINDINGS, findings, write_report
-from vlray.report.data import ReportError, fmt
-from vlray.results import alignment_table
+from vlray.report import FINDINGS, findings, plots, write_report
+from vlray.report.data import ReportError, fmt, load
+from vlray.report.sections import layerwise_heatmaps, study_log_section
+from vlray.results import alignment_table, study_log_row, study_log_table
 
 V, T = "efficientnet_lite0", "minilm_l6"  # the pretrained pair
 VR, TR = "efficientnet_lite0_random", "minilm_l6_random"  # their random-init controls
@@ -302,7 +306,7 @@ def test_findings_hold_on_planted_data(planted_report):
     found = findings(lake)
     assert [f.name for f in found] == list(FINDINGS)
     for f in found:
-        assert f.holds is True, f.line()
+        assert f.holds is True and f.status == "holds", f.line()
         assert (f.dataset, f.vision_model, f.language_model) == (DATASET, V, T)
         assert re.search(r"\d\.\d\d", f.text), f.text
     by = {f.name: f for f in found}
@@ -316,14 +320,49 @@ def test_findings_do_not_hold_when_planted_against(tmp_path):
     lake = make_lake(tmp_path / "lake", hold=False)
     found = {f.name: f for f in findings(lake)}
     assert set(found) == set(FINDINGS)
+    # Forced choice planted at 0.53 (p = 0.22): above chance in direction only, which the
+    # binomial test does not support: "not significant", not "holds" nor "does not hold".
+    assert found["forced_choice"].status == "not significant", found["forced_choice"].line()
     for f in found.values():
-        assert f.holds is False, f.line()
+        if f.name != "forced_choice":
+            assert f.holds is False, f.line()
     assert "not higher" in found["depth"].text  # flat depth profile
     assert found["depth"].numbers["deep_mean"] == pytest.approx(0.3)
     assert found["concept_retrieval"].numbers["ratio"] < 3
     # The report still renders, saying "does not hold".
     html = write_report(lake, tmp_path / "out").read_text()
-    assert html.count('class="does-not-hold"') == len(FINDINGS)
+    assert html.count('class="does-not-hold"') == len(FINDINGS) - 1
+    assert html.count('class="not-significant"') == 1
+
+
+def test_a_direction_the_null_explains_is_not_significant(tmp_path):
+    """Small-n honesty: depth still rises and the pretrained peak still tops the controls,
+    but the scores sit on their permutation null (p = 0.3, null mean just below each
+    score): both findings read "not significant", with the numbers, never "holds"."""
+    rows = build_rows(True, ("layerwise",))["layerwise"]
+    for r in rows:
+        r["p_value"], r["null_mean"] = 0.3, r["value"] - 0.01
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_results(alignment_table(rows), {"study": "layerwise"}, "h", "run-test")
+    found = {f.name: f for f in findings(str(tmp_path / "lake"))}
+    depth, controls = found["depth"], found["controls"]
+    assert depth.holds is True and depth.status == "not significant", depth.line()
+    assert "median p=0.3" in depth.text and "[not significant] Alignment grows" in depth.line()
+    assert controls.holds is True and controls.status == "not significant", controls.line()
+    assert "peak p=0.3" in controls.text
+    html = write_report(str(tmp_path / "lake"), tmp_path / "out").read_text()
+    assert html.count('class="not-significant"') == 2
+
+
+def test_no_null_and_no_interval_is_not_significant(tmp_path):
+    rows = build_rows(True, ("layerwise",))["layerwise"]
+    for r in rows:
+        r.update(p_value=None, null_mean=None, ci_low=None, ci_high=None)
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_results(alignment_table(rows), {"study": "layerwise"}, "h", "run-test")
+    depth = next(f for f in findings(str(tmp_path / "lake")) if f.name == "depth")
+    assert depth.status == "not significant"
+    assert "no permutation null or bootstrap interval to test it against" in depth.text
 
 
 def test_control_above_chance_is_stated(tmp_path):
@@ -411,3 +450,204 @@ def test_findings_on_empty_lake_are_not_run(tmp_path):
     assert [f.holds for f in found] == [None] * len(FINDINGS)
     with pytest.raises(ReportError, match="no alignment results"):
         write_report(str(tmp_path / "lake"), tmp_path / "out")
+
+
+# --- a researcher's own data: what was refused, what did not run, heatmaps to compare --------
+
+V_NAMES = [f"blocks.{i}" for i in range(NV)]
+T_NAMES = [f"encoder.layer.{j}" for j in range(NT)]
+
+
+def _quarantined(item, stage, reason, model=None, perturbation="none"):
+    return {
+        "dataset": DATASET,
+        "item_id": item,
+        "modality": "image",
+        "perturbation": perturbation,
+        "stage": stage,
+        "reason": reason,
+        "source": "shapes",
+        "model": model,
+        "created_at": NOW,
+    }
+
+
+def _log(study, status, metric=None, reason=None, n=None, rows=0):
+    return study_log_row(
+        study=study,
+        dataset=DATASET,
+        vision_model=V,
+        language_model=T,
+        status=status,
+        run_id="run-align",
+        metric=metric,
+        reason=reason,
+        n=n,
+        rows=rows,
+    )
+
+
+def _write_log(lake: Lake, study: str, rows: list[dict]) -> None:
+    where = {"study": study, "dataset": DATASET, "vision_model": V, "language_model": T}
+    lake.write_study_log(study_log_table(rows), where, "run-align")
+
+
+@pytest.fixture(scope="module")
+def own_data_report(tmp_path_factory):
+    """A layerwise lake with what a researcher's own data brings: rows refused by the source
+    and by a model, a manifest naming the pretrained pair's layers (the random language twin
+    has none), and a study log with a skipped, a failed and a small-n study beside written
+    ones; and its report."""
+    root = tmp_path_factory.mktemp("own")
+    uri = make_lake(root / "lake", studies=("layerwise",))
+    lake = Lake(uri)
+    refused = [
+        _quarantined(f"img-{k}", "read", "cannot read image: no such file") for k in (1, 2, 3)
+    ]
+    refused += [_quarantined(f"cap-{k}", "validate", f"odd caption {k}") for k in range(5)]
+    lake.write_items(
+        DATASET, ITEMS_SCHEMA.empty_table(), pa.Table.from_pylist(refused, QUARANTINE_SCHEMA), "q"
+    )
+    embed = [_quarantined("img-9", "embed", "CUDA out of memory", V, p) for p in ("none", "blur")]
+    lake.merge_quarantine(
+        DATASET, V, pa.Table.from_pylist(embed, QUARANTINE_SCHEMA), ["none", "blur"], "q"
+    )
+    for model, names in ((V, V_NAMES), (T, T_NAMES)):
+        record = {
+            "dataset": DATASET,
+            "model": model,
+            "perturbation": "none",
+            "layers": len(names),
+            "layer_names": names,
+        }
+        lake.commit_embeddings(DATASET, model, [], [record], "run-extract")
+    small = "scores from only 12 items; below the documented minimum of 50"
+    _write_log(
+        lake,
+        "layerwise",
+        [
+            _log("layerwise", "written", n=12, rows=70),
+            _log("layerwise", "small_n", "cka", small, n=12, rows=35),
+        ],
+    )
+    _write_log(lake, "forced_choice", [_log("forced_choice", "skipped", reason="no trials table")])
+    _write_log(lake, "exemplar", [_log("exemplar", "failed", reason="ValueError: k=8 > 4")])
+    index = write_report(uri, root / "out")
+    return uri, index.read_text()
+
+
+def _section_html(html: str, name: str) -> str:
+    start = html.index(f'<h2 id="{name}"')
+    return html[start : html.index("<h2 ", start + 1)]
+
+
+def test_quarantine_section_shows_top_reasons(own_data_report):
+    lake, html = own_data_report
+    section = _section_html(html, "quarantine")
+    # 3 + 5 rows refused by the source, 2 by a model (one item, two perturbations).
+    assert "shapes: 10 rows quarantined (9 items); the 5 most frequent of 7 reasons." in section
+    cells = re.findall(r"<tr><td>(\w+)</td><td>([^<]*)</td><td>(\d+)</td><td>(\d+)</td>", section)
+    assert cells[:2] == [
+        ("read", "cannot read image: no such file", "3", "3"),
+        ("embed", "CUDA out of memory", "2", "1"),
+    ]
+    assert len(cells) == 5 and all(c[0] == "validate" for c in cells[2:])
+    assert "<td>efficientnet_lite0</td>" in section and "<td>the source</td>" in section
+    query = "SELECT * FROM quarantine WHERE dataset = 'shapes'"
+    command = f'vlray sql --lake {lake} "{query}"'
+    assert html_escape(command) in section
+
+
+def test_study_log_section_lists_what_did_not_run(own_data_report):
+    _, html = own_data_report
+    # Near the top: after the findings, before any study's numbers.
+    assert html.index('id="findings"') < html.index('id="study_log"') < html.index('id="layerwise"')
+    section = _section_html(html, "study_log")
+    assert "Skipped, failed and small-n studies" in section
+    assert "1 failed, 1 skipped, 1 small-n" in section
+    rows = re.findall(r'<tr class="status-([\w-]+)">(.*?)</tr>', section)
+    cells = [(cls, re.findall(r"<td>([^<]*)</td>", tr)) for cls, tr in rows]
+    pair = f"{V} x {T}"
+    assert cells == [
+        (
+            "failed",
+            [DATASET, pair, "exemplar", "all metrics", "failed", "-", "ValueError: k=8 &gt; 4"],
+        ),
+        (
+            "skipped",
+            [DATASET, pair, "forced_choice", "all metrics", "skipped", "-", "no trials table"],
+        ),
+        (
+            "small-n",
+            [
+                DATASET,
+                pair,
+                "layerwise",
+                "cka",
+                "small_n",
+                "12",
+                "scores from only 12 items; below the documented minimum of 50",
+            ],
+        ),
+    ]
+
+
+def test_study_log_and_quarantine_say_when_there_is_nothing(planted_report, tmp_path):
+    _, index = planted_report
+    html = index.read_text()  # a lake whose align predates the study log, nothing refused
+    assert "Nothing was quarantined" in _section_html(html, "quarantine")
+    assert "No study outcome is logged in this lake" in _section_html(html, "study_log")
+    lake = Lake(make_lake(tmp_path / "lake", studies=("layerwise",)))
+    _write_log(lake, "layerwise", [_log("layerwise", "written", n=192, rows=70)])
+    intro = study_log_section(load(lake.uri)).intro
+    assert intro.startswith("Every study ran on enough items: none of the 1 study outcomes")
+
+
+def test_heatmaps_of_a_metric_share_one_colour_scale(own_data_report):
+    lake, html = own_data_report
+    maps = layerwise_heatmaps(load(lake))
+    pretrained, control = maps[(DATASET, V, T, "cka")], maps[(DATASET, V, TR, "cka")]
+    peak = _layer_value(V, T, NV - 1, NT - 1, True)
+    assert np.nanmax(control.values) < 0.2 < peak
+    assert pretrained.scale == control.scale == pytest.approx((0.0, peak))
+    assert {hm.scale for key, hm in maps.items() if key[3] == "cka"} == {pretrained.scale}
+    figures = [
+        plots.heatmap_figure(
+            hm.values, hm.vision_labels, hm.language_labels, None, "t", "cka", scale=hm.scale
+        )
+        for hm in (pretrained, control)
+    ]
+    clims = [fig.axes[0].images[0].get_clim() for fig in figures]
+    assert clims[0] == clims[1] == pytest.approx((0.0, peak))
+    # Every figure says so, with the numbers.
+    note = f"one colour scale for every pair&#x27;s cka heatmap: 0.00 to {fmt(peak)}"
+    assert html.count(note) == 4
+    # Axes: manifest layer names with relative depth; "layer i" where the manifest has none.
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "blocks.0 (0.00)",
+        "blocks.1 (0.25)",
+        "blocks.2 (0.50)",
+        "blocks.3 (0.75)",
+        "blocks.4 (1.00)",
+    ]
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "encoder.layer.6 (1.00)"
+    assert [t.get_text() for t in figures[1].axes[0].get_xticklabels()][:2] == [
+        "layer 0 (0.00)",
+        "layer 1 (0.17)",
+    ]
+
+
+def test_heatmap_scale_and_ticks_stay_readable():
+    # Signed scores (rsa): one scale symmetric about 0 over every grid.
+    signed = plots.colour_scale([np.array([[-0.1, 0.3]]), np.array([[0.05, np.nan]])])
+    assert signed == pytest.approx((-0.3, 0.3))
+    assert plots.colour_scale([np.array([[0.16]]), np.array([[0.62]])]) == (0.0, 0.62)
+    # Many layers: at most 8 labelled ticks per axis, the first and last among them.
+    names = [f"blocks.{i} ({i / 39:.2f})" for i in range(40)]
+    fig = plots.heatmap_figure(
+        np.random.default_rng(0).random((40, 40)), names, names, None, "t", "x"
+    )
+    for labels in (fig.axes[0].get_xticklabels(), fig.axes[0].get_yticklabels()):
+        text = [t.get_text() for t in labels]
+        assert 2 <= len(text) <= 8 and text[0] == names[0] and text[-1] == names[-1]

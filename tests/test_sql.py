@@ -165,6 +165,8 @@ def test_polars_and_duckdb_read_the_whole_embeddings_table(small_lake):
     glob = f"{lake}/embeddings/**/*.parquet"
     n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true)")
     assert n.fetchall()[0][0] == expected  # a fresh lake: every file is in the current version
+    scanned = pl.scan_parquet(glob, hive_partitioning=True).select(pl.len()).collect()
+    assert scanned.item() == expected
 
 
 def test_sql_as_of_reads_the_lake_as_it_was(small_lake, tmp_path, capsys):
@@ -222,14 +224,18 @@ def full_lake(small_lake, tmp_path_factory):
     from vlray.catalog import get_spec
     from vlray.sources.manifest import load_manifest
     from vlray.studies import STUDY_NAMES, AlignOptions
-    from vlray.studies.options import ExemplarOptions
+    from vlray.studies.options import ExemplarOptions, PerturbationOptions
 
     lake, _ = small_lake
     tmp = tmp_path_factory.mktemp("full")
     copy = str(tmp / "lake")
     shutil.copytree(lake, copy)
     options = AlignOptions(
-        metrics=("cka",), bootstrap=2, permutations=2, exemplar=ExemplarOptions(draws=1)
+        metrics=("cka",),
+        bootstrap=2,
+        permutations=2,
+        exemplar=ExemplarOptions(draws=1),
+        perturbation=PerturbationOptions(bootstrap=0),  # 4 perturbed scenes: too few for CIs
     )
     vision, language = (get_spec(m).model_dump() for m in ("tiny_vit_random", "tiny_gpt2_random"))
     done = align_pair(copy, "shapes", vision, language, options, list(STUDY_NAMES), "run-test")

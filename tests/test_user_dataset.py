@@ -3,7 +3,12 @@ embedded, and a re-run with one more model computes only that model."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,6 +41,8 @@ def user_dataset(tmp_path_factory):
     add("truncated", "truncated.jpg", jpeg[: len(jpeg) // 3])
     add("zero-bytes", "zero.png", b"")
     add("not-an-image", "random.png", np.random.default_rng(0).bytes(500))
+    for i in (1, 2):  # the commonest fault, thrice: the summary's top reason
+        add(f"not-an-image-{i}", f"random-{i}.png", np.random.default_rng(i).bytes(500))
     add("missing", "missing.png", None)
     add("bomb", "bomb.png", png_claiming(20_000, 20_000))
     add("cmyk", "cmyk.jpg", encode(noisy(seed=3).convert("CMYK"), "JPEG"))
@@ -80,12 +87,76 @@ def extract_manifest(manifest, root, models: str, lake) -> int:
 
 
 @pytest.fixture(scope="module")
-def user_lake(ray_session, user_dataset, tmp_path_factory):
+def user_run(ray_session, user_dataset, tmp_path_factory) -> tuple[str, str]:
+    """The lake after one extraction of the manifest, and what that extraction printed."""
     manifest, root, _ = user_dataset
     lake = str(tmp_path_factory.mktemp("user") / "lake")
-    code = extract_manifest(manifest, root, "tiny_vit_random,tiny_gpt2_random", lake)
-    assert code == 0
-    return lake
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = extract_manifest(manifest, root, "tiny_vit_random,tiny_gpt2_random", lake)
+    assert code == 0, printed.getvalue()
+    return lake, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def user_lake(user_run) -> str:
+    return user_run[0]
+
+
+def test_extract_names_the_top_quarantine_reasons(user_run, capsys):
+    lake, out = user_run
+    lines = out.splitlines()
+    start = lines.index("quarantine of pairs, top reasons (items):")
+    # Items, not rows: an undecodable image is one item, however many models refused it. The
+    # reasons are grouped without the paths, ids and byte counts that each row's reason names.
+    assert lines[start + 1 : start + 6] == [
+        "       3 image/decode: cannot identify image file",
+        "       1 image/decode: image too large (possible decompression bomb)",
+        "       1 image/decode: truncated JPEG",
+        "       1 image/read: missing file",
+        "       1 image/read: zero-byte file",
+    ], out
+    assert lines[start + 6].split() == ["and", "4", "more", "reason(s)"], out
+    pointer = lines[start + 7]
+    prefix = f"  see them all: vlray sql --lake {lake} "
+    assert pointer.startswith(prefix), out
+    assert lines[-1].startswith("extract ")  # the closing line stays last
+    # The pointer's query runs, and lists every quarantined row of the dataset.
+    capsys.readouterr()
+    assert main(["sql", "--lake", lake, "--format", "csv", pointer[len(prefix) :].strip('"')]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == "item_id,modality,stage,reason"
+    every = run_query(connect(lake), "SELECT count(*) AS n FROM quarantine").to_pylist()[0]["n"]
+    assert len(listed) - 1 == every
+
+
+# Ray's notices on every run, which vlray avoids or filters at their source (vlray/cluster.py).
+# Not in the list: core_worker's "has constructor arguments in the object store", which Ray Data
+# causes on every actor pool (it passes its own ObjectRefs to the actors; ray-project/ray#57733)
+# and which only turning off the actors' restarts would avoid.
+RAY_NOISE = (
+    "Token authentication is enabled for this Ray cluster",
+    "worker processes have been started on node",
+)
+
+
+def test_extract_in_a_process_prints_its_summary_and_no_ray_notices(user_dataset, tmp_path):
+    manifest, root, _ = user_dataset
+    lake = str(tmp_path / "lake")
+    argv = ["extract", "--manifest", str(manifest), "--root", str(root)]
+    done = subprocess.run(
+        [sys.executable, "-m", "vlray.cli", *argv, "--models", "tiny_vit_random", "--lake", lake],
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert out[-1].startswith("extract ") and "1 model run(s)" in out[-1], done.stdout
+    assert "       3 image/decode: cannot identify image file" in out, done.stdout
+    assert any(line.startswith("  see them all: vlray sql --lake ") for line in out)
+    for notice in RAY_NOISE:
+        assert notice not in done.stdout + done.stderr, notice
 
 
 def test_bad_rows_are_quarantined_with_a_reason(user_lake):
@@ -159,8 +230,9 @@ def test_align_on_a_small_user_dataset_reports_each_study_and_keeps_the_rest(
     user_lake, user_dataset, tmp_path, capsys
 ):
     # No trials, perturbations or in-context words, and fewer items than mutual_knn's 10
-    # neighbours need: the studies that lack inputs are skipped with the reason, the layerwise
-    # study fails with the metric's reason, and the failure costs the other studies nothing.
+    # neighbours need: the studies that lack inputs are skipped with the reason, mutual_knn is
+    # skipped within the layerwise study with its minimum n and the fix, and CKA's scores are
+    # written all the same.
     manifest, root, _ = user_dataset
     config = tmp_path / "align.yaml"
     config.write_text(
@@ -178,21 +250,37 @@ align:
     )
     code = main(["align", "--config", str(config), "--lake", user_lake])
     out = capsys.readouterr().out
-    assert code == 1, out
-    assert "layerwise          FAILED: MetricInputError: " in out, out
-    assert "mutual_knn needs at least 11" in out
+    assert code == 0, out
+    n = int(re.search(r"layerwise +n=(\d+)", out).group(1))
+    assert n < 11
+    assert (
+        f"mutual_knn skipped: needs at least 11 items (k=10 neighbours besides the item "
+        f"itself); the dataset has {n}; to score it, set align.metric_kwargs: "
+        f"{{mutual_knn: {{k: {n - 1}}}}}, or add items"
+    ) in out, out
+    assert f"warning: scores from only {n} items, below the documented minimum of 100" in out
     for study in ("perturbation", "forced_choice"):
         assert f"{study:<18} skipped: " in out, out
     assert "concept_retrieval  skipped: dataset 'pairs' has no in-context sentences" in out
-    assert "1 study run(s) FAILED (the others' results are kept)" in out
     con = connect(user_lake)
-    studies = run_query(con, "SELECT DISTINCT study FROM alignment").column("study").to_pylist()
-    assert "layerwise" not in studies
-    config.write_text(config.read_text().replace("[cka, mutual_knn]", "[cka]"))
-    assert main(["align", "--config", str(config), "--lake", user_lake]) == 0
-    con = connect(user_lake)  # the views list the results files present when connecting
-    studies = run_query(con, "SELECT DISTINCT study FROM alignment").column("study").to_pylist()
-    assert "layerwise" in studies
+    metrics = run_query(
+        con, "SELECT DISTINCT metric FROM alignment WHERE study = 'layerwise'"
+    ).column("metric")
+    assert metrics.to_pylist() == ["cka"]
+    log = run_query(
+        con, "SELECT metric, status FROM study_log WHERE study = 'layerwise' ORDER BY ALL"
+    ).to_pylist()
+    assert {"metric": "mutual_knn", "status": "skipped"} in log
+    assert {"metric": None, "status": "small_n"} in log
+    # A refresh on the same inputs reruns nothing, the skipped studies included.
+    from vlray.align import run_align
+    from vlray.config import load_config
+
+    loaded = load_config(config)
+    (again,) = run_align(
+        user_lake, ["pairs"], loaded.specs(), loaded.align.options(), only_changed=True
+    )
+    assert all(s == {"up_to_date": True} for s in again["studies"].values()), again
 
 
 def test_hub_model_without_its_files_fails_before_any_model_job(

@@ -7,9 +7,12 @@ study, is sharded instead (``vlray.shards``): the driver submits its blocks of l
 shards of resamples and permutations as many tasks, for every pair at once, and commits each
 pair's grid as one transaction when all its tasks are done (never a partial grid). A study
 whose inputs the dataset lacks (no trials, no perturbations, no captions or in-context words)
-is reported as skipped, with the reason; a study that fails (too few items for a metric, bad
-values) is reported as failed, with the error, and the other studies and pairs still commit
-theirs.
+is reported as skipped, with the reason; a metric that cannot run on the dataset (too few
+items for its k, undefined on the data) is skipped within its study, with the minimum n and
+what to change, and the other metrics' scores are written; a study that fails is reported as
+failed, with the error, and the other studies and pairs still commit theirs. Each outcome,
+and a warning for a study run on fewer items than its documented minimum (``SMALL_N``), is
+recorded in the lake's ``study_log`` table for the report.
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ import ray
 
 from vlray.catalog import ModelSpec
 from vlray.cluster import ensure_ray
-from vlray.embeddings import EmbeddingsNotFound, LayerStack
+from vlray.embeddings import EmbeddingsNotFound
+from vlray.items import NO_PERTURBATION
 from vlray.lake import Lake, new_run_id
-from vlray.results import alignment_table
+from vlray.results import alignment_table, study_log_row, study_log_table
 from vlray.shards import PeakMemory
-from vlray.studies import STUDIES, SUBMITS_TASKS, AlignOptions, StudyInputs, StudySkipped
+from vlray.studies import (
+    SMALL_N,
+    STUDIES,
+    SUBMITS_TASKS,
+    AlignOptions,
+    StudyInputs,
+    StudySkipped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +48,33 @@ __all__ = [
     "AlignOptions",
     "align_pair",
     "inputs_hash",
-    "paired_layers",
+    "paired_items",
     "results_key",
     "run_align",
+    "what_the_lake_holds",
 ]
 
 
-def paired_layers(
-    lake: Lake, dataset: str, vision: ModelSpec, language: ModelSpec, options: AlignOptions
-) -> tuple[LayerStack, LayerStack]:
-    """Row i of the vision stack and row i of the language stack describe the same image."""
-    return StudyInputs(lake, dataset, vision, language, options).pairs()
+def what_the_lake_holds(lake: Lake) -> dict[str, list[str]]:
+    """dataset -> the models with committed unperturbed embeddings of it: what
+    ``vlray align --lake L`` with no config aligns."""
+    held: dict[str, list[str]] = {}
+    for r in lake.manifest().to_pylist():
+        if r["perturbation"] == NO_PERTURBATION and r["rows"]:
+            held.setdefault(r["dataset"], []).append(r["model"])
+    return held
+
+
+def paired_items(lake: Lake, dataset: str, specs: list[ModelSpec], options: AlignOptions) -> int:
+    """How many image-caption pairs the first (vision, language) pair of ``specs`` has on
+    ``dataset`` (images without an embedded caption do not count); for a dataset without
+    captions, the fewest items any of the models embedded."""
+    vision = next(s for s in specs if s.modality == "vision")
+    language = next(s for s in specs if s.modality == "language")
+    try:
+        return len(StudyInputs(lake, dataset, vision, language, options).pairing().image_ids)
+    except StudySkipped:
+        return min(lake.partitions(dataset, s.name)[NO_PERTURBATION]["items"] for s in specs)
 
 
 def results_key(dataset: str, vision: str, language: str) -> dict[str, str]:
@@ -99,42 +126,79 @@ def align_pair(
     v_spec, l_spec = ModelSpec(**vision), ModelSpec(**language)
     inputs = StudyInputs(lake, dataset, v_spec, l_spec, options)
     inputs_of_pair = _inputs(lake, dataset, v_spec.name, l_spec.name)
+    pair = (dataset, v_spec.name, l_spec.name)
     summary = {
         "dataset": dataset,
         "vision_model": v_spec.name,
         "language_model": l_spec.name,
         "studies": {},
     }
+    log_rows = []
     for study in studies:
         started = time.time()
-        inputs.tasks = inputs.peak_task_bytes = 0
-        try:
-            with PeakMemory() as memory:
-                rows = STUDIES[study](inputs, run_id)
-        except (StudySkipped, EmbeddingsNotFound) as why:
-            # The dataset lacks what this study reads (trials, perturbations, captions,
-            # in-context words): not an error, the other studies run.
-            summary["studies"][study] = {"skipped": str(why)}
-            continue
-        except Exception as err:  # one study's failure must not lose the others' results
-            log.exception("%s failed on %s, %s x %s", study, dataset, v_spec.name, l_spec.name)
-            summary["studies"][study] = {"failed": f"{type(err).__name__}: {err}"}
-            continue
-        lake.write_results(
-            alignment_table(rows),
-            {"study": study, **results_key(dataset, v_spec.name, l_spec.name)},
-            _inputs_hash(*inputs_of_pair, study, options),
-            run_id,
+        inputs.tasks = inputs.peak_task_bytes = inputs.n = 0
+        inputs.skipped_metrics = {}
+        outcome = _run_study(inputs, study, run_id, inputs_of_pair)
+        summary["studies"][study] = outcome
+        digest = _inputs_hash(*inputs_of_pair, study, options)
+        log_rows += _log_rows(outcome, study, run_id, digest, **results_key(*pair))
+        if "rows" in outcome:
+            outcome["seconds"] = time.time() - started
+    if log_rows:
+        lake.write_study_log(
+            study_log_table(log_rows), {"study": list(studies), **results_key(*pair)}, run_id
         )
-        summary["studies"][study] = {
-            "rows": len(rows),
-            "n": max((r["n"] for r in rows), default=0),
-            "seconds": time.time() - started,
-            "tasks": inputs.tasks,
-            # a sharded study's largest task, else this process's growth while it ran
-            "peak_task_bytes": inputs.peak_task_bytes or memory.peak,
-        }
     return summary
+
+
+def _run_study(inputs: StudyInputs, study: str, run_id: str, inputs_of_pair: tuple) -> dict:
+    """Run one study and commit its rows; its summary: rows, n, tasks, peak memory, the
+    metrics it skipped and a small-n warning; or ``skipped`` / ``failed`` with the reason."""
+    where = results_key(inputs.dataset, inputs.vision.name, inputs.language.name)
+    try:
+        with PeakMemory() as memory:
+            rows = STUDIES[study](inputs, run_id)
+    except (StudySkipped, EmbeddingsNotFound) as why:
+        # The dataset lacks what this study reads (trials, perturbations, captions,
+        # in-context words), or has too few items for every metric: not an error.
+        return {"skipped": str(why), "n": inputs.n or None}
+    except Exception as err:  # one study's failure must not lose the others' results
+        log.exception("%s failed on %s", study, ", ".join(where.values()))
+        return {"failed": f"{type(err).__name__}: {err}"}
+    inputs.lake.write_results(
+        alignment_table(rows),
+        {"study": study, **where},
+        _inputs_hash(*inputs_of_pair, study, inputs.options),
+        run_id,
+    )
+    n = max((r["n"] for r in rows), default=0)
+    return {
+        "rows": len(rows),
+        "n": n,
+        "tasks": inputs.tasks,
+        # a sharded study's largest task, else this process's growth while it ran
+        "peak_task_bytes": inputs.peak_task_bytes or memory.peak,
+        "skipped_metrics": dict(inputs.skipped_metrics),
+        "small_n": SMALL_N[study].warning(n),
+    }
+
+
+def _log_rows(outcome: dict, study: str, run_id: str, inputs_hash: str, **where: str) -> list[dict]:
+    """The ``study_log`` rows of one study's outcome: the study's own, a row per metric it
+    skipped, and a row for its small-n warning."""
+    common = {"study": study, "run_id": run_id, "inputs_hash": inputs_hash, **where}
+    if "skipped" in outcome or "failed" in outcome:
+        status = "skipped" if "skipped" in outcome else "failed"
+        return [study_log_row(**common, status=status, reason=outcome[status], n=outcome.get("n"))]
+    n = outcome["n"]
+    rows = [study_log_row(**common, status="written", n=n, rows=outcome["rows"])]
+    rows += [
+        study_log_row(**common, status="skipped", metric=metric, reason=why, n=n)
+        for metric, why in outcome["skipped_metrics"].items()
+    ]
+    if outcome["small_n"]:
+        rows.append(study_log_row(**common, status="small_n", reason=outcome["small_n"], n=n))
+    return rows
 
 
 def _align_task(*args) -> dict:
@@ -169,7 +233,10 @@ def run_align(
     language = [s for s in specs if s.modality == "language"]
     if not vision or not language:
         raise ValueError("alignment needs at least one vision and one language model")
-    stored = lake.results_inputs_hashes() if only_changed else {}
+    # What each study's latest scores, or its latest skip, were computed from.
+    stored = {}
+    if only_changed:
+        stored = {**lake.skipped_inputs_hashes(), **lake.results_inputs_hashes()}
     manifest: dict[tuple[str, str], dict] = {}
     for r in lake.manifest().to_pylist():
         manifest.setdefault((r["dataset"], r["model"]), {})[r["perturbation"]] = r["config_hash"]

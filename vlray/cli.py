@@ -83,6 +83,7 @@ def _print_align(done: list[dict], started: float) -> int:
     for r in done:
         print(f"  {r['dataset']} | {r['vision_model']} x {r['language_model']}")
         for study, s in r["studies"].items():
+            notes = []
             if s.get("up_to_date"):
                 line = "results up to date (same inputs)"
             elif "skipped" in s:
@@ -94,7 +95,11 @@ def _print_align(done: list[dict], started: float) -> int:
                 written += s["rows"]
                 where = f"{s['tasks']:>4} task(s)" if s["tasks"] else "in the pair's task"
                 line = f"n={s['n']:<6} {s['rows']:>6} scores  {s['seconds']:6.1f}s  {where}"
+                notes = [f"{m} skipped: {why}" for m, why in s["skipped_metrics"].items()]
+                notes += [f"warning: {s['small_n']}"] if s["small_n"] else []
             print(f"    {study:<18} {line}")
+            for note in notes:
+                print(f"    {'':<18} {note}")
     print(
         f"align: {len(done)} model pair(s), {written} scores written to the alignment table "
         f"by {tasks} Ray task(s), {time.time() - started:.1f}s"
@@ -103,14 +108,92 @@ def _print_align(done: list[dict], started: float) -> int:
     return 1 if failed else 0
 
 
-def cmd_align(args: argparse.Namespace) -> int:
-    from vlray.align import run_align
+def _align_flags(args: argparse.Namespace, align: dict) -> dict:
+    """The config's ``align`` section with the command line's options laid over it."""
+    split = {"studies": args.studies, "metrics": args.metrics}
+    counts = {"bootstrap": args.bootstrap, "permutations": args.permutations}
+    return {
+        **align,
+        **{k: v.split(",") for k, v in split.items() if v},
+        **{k: v for k, v in counts.items() if v is not None},
+    }
 
-    config = _load_run_config(args)
-    lake = _lake_of(args, config)
+
+def _align_options(raw: dict, where: str):
+    from vlray.config import check_align
+
+    return check_align(raw, where).options()
+
+
+def _fitted(options, n: int, dataset: str):
+    """``options`` with the size options of every metric not configured by hand (``k``,
+    ``folds``) lowered to what ``n`` items allow, saying so."""
+    import dataclasses
+
+    from vlray.metrics import fit_options, min_items
+
+    kwargs = dict(options.metric_kwargs or {})
+    for metric in options.metrics:
+        if metric in kwargs:
+            continue
+        fit = fit_options(metric, n, options.bootstrap)
+        if fit:
+            need = min_items(metric, options.bootstrap)[0]
+            print(
+                f"align: {dataset} has {n} items; {metric} with "
+                + ", ".join(f"{k}={v}" for k, v in fit.items())
+                + f" (its defaults need {need})"
+            )
+            kwargs[metric] = fit
+    return dataclasses.replace(options, metric_kwargs=kwargs or None)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from vlray.align import paired_items, run_align, what_the_lake_holds
+    from vlray.catalog import get_spec, load_catalog
+    from vlray.lake import Lake
+
     started = time.time()
-    datasets = [d.name for d in config.datasets]
-    return _print_align(run_align(lake, datasets, config.specs(), config.align.options()), started)
+    if args.config:
+        config = _load_run_config(args)
+        options = _align_options(_align_flags(args, config.align.model_dump()), "command line")
+        done = run_align(
+            _lake_of(args, config), [d.name for d in config.datasets], config.specs(), options
+        )
+        return _print_align(done, started)
+    # No config: every (vision, language) pair of models the lake holds, for every dataset.
+    if not args.lake:
+        raise ValueError("give --lake LAKE (and optionally --config FILE)")
+    lake = Lake(args.lake)
+    held = what_the_lake_holds(lake)
+    if not held:
+        raise ValueError(f"the lake {lake.uri} has no embeddings: run `vlray extract` first")
+    chosen = {}
+    for what, names, known in (
+        ("dataset", args.datasets, set(held)),
+        ("model", args.models, {m for models in held.values() for m in models}),
+    ):
+        chosen[what] = set(names.split(",")) if names else known
+        unknown = sorted(chosen[what] - known)
+        if unknown:
+            raise ValueError(
+                f"--{what}s: the lake {lake.uri} has no {what} '{unknown[0]}'; it has: "
+                + ", ".join(sorted(known))
+            )
+    catalog = load_catalog(*(args.catalog or []))
+    options = _align_options(_align_flags(args, {}), "command line")
+    done = []
+    for dataset, models in sorted(held.items()):
+        if dataset not in chosen["dataset"]:
+            continue
+        models = [m for m in models if m in chosen["model"]]
+        specs = [get_spec(m, catalog) for m in models]
+        if {s.modality for s in specs} != {"vision", "language"}:
+            print(f"align: {dataset}: skipped, needs a vision and a language model ({models})")
+            continue
+        n = paired_items(lake, dataset, specs, options)
+        done += run_align(lake, [dataset], specs, _fitted(options, n, dataset))
+    return _print_align(done, started)
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -121,15 +204,33 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
     config = _load_run_config(args)
     lake = _lake_of(args, config)
+    verbose = getattr(args, "verbose", False)  # a line per partition and study even if idle
     started = time.time()
+    # Neither step starts Ray when it has nothing to compute: a refresh with nothing new
+    # reads the lake's manifest, items fingerprints and results hashes, and prints one line.
     summary = run_extract(config, lake)
-    print("\n".join(summary.lines()))
+    extracted = not all(r.skipped for r in summary.results)
+    if extracted or verbose:
+        print("\n".join(summary.lines()), flush=True)  # before alignment, which may take long
     datasets = [d.name for d in config.datasets]
     done = run_align(lake, datasets, config.specs(), config.align.options(), only_changed=True)
-    status = _print_align(done, started)
-    fresh = all(s.get("up_to_date") for r in done for s in r["studies"].values())
-    if all(r.skipped for r in summary.results) and fresh:
-        print("refresh: nothing new; the lake is up to date")
+    nothing_new = not extracted and all(
+        s.get("up_to_date") for r in done for s in r["studies"].values()
+    )
+    status = 0
+    if verbose or not nothing_new:
+        if not extracted and not verbose:
+            print(
+                f"extract: nothing new; the embeddings of {len(config.models)} model(s) on "
+                f"{len(datasets)} dataset(s) are up to date"
+            )
+        status = _print_align(done, started)
+    if nothing_new:
+        print(
+            f"refresh: nothing new; the lake is up to date ({len(datasets)} dataset(s), "
+            f"{len(config.models)} model(s), {len(done)} model pair(s) checked in "
+            f"{time.time() - started:.1f}s)"
+        )
     return status
 
 
@@ -377,7 +478,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     data = load(str(lake))
     index = write_report(data, out / "report")
-    print("\nHeadline findings (computed, not tuned; 'does not hold' is reported as such):")
+    print(
+        "\nHeadline findings (computed, not tuned; 'not significant' and 'does not hold' are "
+        "reported as such):"
+    )
     for f in findings(data):
         print(f"  {f.line()}")
     print(
@@ -452,10 +556,25 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--lake", help="lake path or URI")
     ext.set_defaults(func=cmd_extract)
 
-    align = sub.add_parser("align", help="score every (vision layer, language layer) pair")
-    align.add_argument("--config", required=True, help="run config (YAML) with an align section")
+    align = sub.add_parser(
+        "align",
+        help="score every (vision layer, language layer) pair",
+        description="Align every (vision, language) model pair the lake holds, for every "
+        "dataset, with defaults that fit each dataset's size; or what a --config names. The "
+        "flags override the config's align section.",
+    )
     align.add_argument("--lake", help="lake path or URI")
-    align.set_defaults(func=cmd_align, manifest=None, models=None)
+    align.add_argument("--config", help="run config (YAML) with an align section (optional)")
+    align.add_argument("--datasets", help="only these datasets (comma separated)")
+    align.add_argument("--models", help="only these models (comma separated)")
+    align.add_argument(
+        "--studies", help="comma separated, of: layerwise, perturbation, forced_choice, ..."
+    )
+    align.add_argument("--metrics", help="comma separated, e.g. cka,mutual_knn (vlray.metrics)")
+    align.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 100)")
+    align.add_argument("--permutations", type=int, help="permutations of the null (default 100)")
+    align.add_argument("--catalog", action="append", help="an extra catalog YAML file")
+    align.set_defaults(func=cmd_align, manifest=None)
 
     refresh = sub.add_parser("refresh", help="compute only what is new or stale (scheduled runs)")
     refresh.add_argument("--config", required=True, help="run config (YAML)")

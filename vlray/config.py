@@ -141,6 +141,16 @@ def validate_config(raw: dict, where: str) -> RunConfig:
     return config
 
 
+def check_align(raw: dict, where: str) -> AlignConfig:
+    """An ``align`` section (from a config or the command line's flags), validated."""
+    try:
+        align = AlignConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_field_errors(err, where).replace("field '", "field 'align.")) from None
+    _check_metrics(align, where)
+    return align
+
+
 def _check_metrics(align: AlignConfig, where: str) -> None:
     from vlray.metrics import METRICS
 

@@ -108,3 +108,68 @@ def grid_rows(stats, *, metric: str, condition: str, **where) -> list[dict]:
 
 def alignment_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ALIGNMENT_SCHEMA)
+
+
+# The ``study_log`` table: the outcome of the latest run of each (study, dataset, vision model,
+# language model), so that the report can show what was skipped, failed or ran on too few
+# items. One row per study outcome (``metric`` null) and one per metric that was skipped or
+# warned about; a re-run replaces the rows of its key, like the scores.
+STUDY_LOG_SCHEMA = pa.schema(
+    [
+        ("study", pa.string()),
+        ("dataset", pa.string()),
+        ("vision_model", pa.string()),
+        ("language_model", pa.string()),
+        ("metric", pa.string()),  # null: the whole study
+        ("status", pa.string()),  # one of STUDY_STATUSES
+        ("reason", pa.string()),  # why skipped or failed, what the warning says; null if written
+        ("n", pa.int64()),  # items the study scored; null when it did not get that far
+        ("rows", pa.int64()),  # scores written
+        # what the outcome was computed from (as the scores' inputs_hash): a refresh does not
+        # rerun a study skipped on the same inputs
+        ("inputs_hash", pa.string()),
+        ("run_id", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+# written: scores committed; skipped: the dataset lacks the inputs (whole study) or the items
+# are too few for the metric; failed: an error; small_n: scores written, but from fewer items
+# than the study's documented minimum for stable statistics.
+STUDY_STATUSES = ("written", "skipped", "failed", "small_n")
+
+
+def study_log_row(
+    *,
+    study: str,
+    dataset: str,
+    vision_model: str,
+    language_model: str,
+    status: str,
+    run_id: str,
+    metric: str | None = None,
+    reason: str | None = None,
+    n: int | None = None,
+    rows: int = 0,
+    inputs_hash: str | None = None,
+) -> dict:
+    """One row of the ``study_log`` table."""
+    if status not in STUDY_STATUSES:
+        raise ValueError(f"study_log status {status!r}: not one of {', '.join(STUDY_STATUSES)}")
+    return {
+        "study": study,
+        "dataset": dataset,
+        "vision_model": vision_model,
+        "language_model": language_model,
+        "metric": metric,
+        "status": status,
+        "reason": reason,
+        "n": n,
+        "rows": rows,
+        "inputs_hash": inputs_hash,
+        "run_id": run_id,
+        "created_at": _dt.datetime.now(_dt.UTC),
+    }
+
+
+def study_log_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=STUDY_LOG_SCHEMA)

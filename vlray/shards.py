@@ -448,10 +448,21 @@ class PendingGrid:
         try:
             return self._assemble()
         except RayTaskError as err:
+            self._drain()
             # Bad input found inside a task: the metric's own message, not a Ray traceback.
             if isinstance(err.cause, MetricInputError):
                 raise err.cause from None
             raise
+
+    def _drain(self) -> None:
+        """Wait for the grid's other tasks and read their errors: the first error is the
+        one raised, and an error object never read makes Ray print it again, unasked."""
+        refs = [*self.side_peaks, *(r[-1] for r in self.null_refs + self.bootstrap_refs)]
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except RayTaskError:  # the same failure in another shard; already reported
+                continue
 
     def _assemble(self) -> tuple[GridStats, ShardReport]:
         nx, ny = self.shape

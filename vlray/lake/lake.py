@@ -294,6 +294,13 @@ class Lake:
             self.storage, TABLES["alignment"], rows, where, {"vlray.run_id": run_id}
         )
 
+    def write_study_log(self, rows: pa.Table, where: dict[str, str], run_id: str) -> int:
+        """Replace the ``study_log`` rows matching ``where`` (study, dataset, vision_model,
+        language_model) by ``rows``, in one commit."""
+        return delta.replace_rows(
+            self.storage, TABLES["study_log"], rows, where, {"vlray.run_id": run_id}
+        )
+
     def results_inputs_hashes(self) -> dict[tuple[str, str, str, str], str]:
         """(study, dataset, vision_model, language_model) -> the inputs hash of its rows."""
         keys = ["study", "dataset", "vision_model", "language_model", "inputs_hash"]
@@ -302,6 +309,17 @@ class Lake:
             return {}
         distinct = table.group_by(keys).aggregate([])
         return {tuple(r[k] for k in keys[:4]): r["inputs_hash"] for r in distinct.to_pylist()}
+
+    def skipped_inputs_hashes(self) -> dict[tuple[str, str, str, str], str]:
+        """(study, dataset, vision_model, language_model) -> the inputs hash of a study that
+        was skipped as a whole (the dataset lacks its inputs): same inputs, same skip."""
+        keys = ["study", "dataset", "vision_model", "language_model", "inputs_hash"]
+        table = self.read("study_log", columns=[*keys, "status", "metric"])
+        return {
+            tuple(r[k] for k in keys[:4]): r["inputs_hash"]
+            for r in table.to_pylist()
+            if r["status"] == "skipped" and r["metric"] is None and r["inputs_hash"]
+        }
 
     # --- maintenance -------------------------------------------------------------------------
     def tables(self) -> dict[str, Any]:

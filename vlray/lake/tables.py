@@ -9,6 +9,8 @@ LAKE/trials/      dataset=D/...        forced-choice trials, for sources that ha
 LAKE/concepts/    dataset=D/...        concepts with words and aliases, likewise
 LAKE/manifest/    what each committed embeddings partition was computed from
 LAKE/results/alignment/  study=S/...   one row per score
+LAKE/results/study_log/  the latest outcome of each study per model pair (written, skipped,
+                         failed, small_n), with the reason
 ```
 
 Each is a Delta table: the Parquet files plus ``_delta_log/``, which alone says which files
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from vlray.items import CONCEPTS_SCHEMA, ITEMS_SCHEMA, QUARANTINE_SCHEMA, TRIALS_SCHEMA
-from vlray.results import ALIGNMENT_SCHEMA
+from vlray.results import ALIGNMENT_SCHEMA, STUDY_LOG_SCHEMA
 
 EMBEDDINGS_SCHEMA = pa.schema(
     [
@@ -119,5 +121,6 @@ TABLES: dict[str, TableSpec] = {
         ),
         _spec("manifest", "manifest", MANIFEST_SCHEMA),
         _spec("alignment", "results/alignment", RESULTS_TABLE_SCHEMA, "study"),
+        _spec("study_log", "results/study_log", STUDY_LOG_SCHEMA),
     )
 }

@@ -34,6 +34,13 @@ carries no signal; correlation-based metrics skip it); a layer whose rows are al
 is an error, as are NaN/inf values, rows of zero norm where cosine similarity is needed, and
 fewer rows than the metric needs. Errors are :class:`MetricInputError` naming the layer.
 
+Fewest items: ``min_items(metric, bootstrap=B, **options)`` (without bootstrap: k + 1 for
+mutual_knn and cknna, 4 for unbiased_cka, 2 per fold for the predictive metrics, 3 for the
+others; a bootstrap resample holds only about 63% of the items distinct, so with B resamples
+the minimum is the smallest n at which any resample falls short with under 1% chance: 26 for
+mutual_knn's k=10 at B=100). ``fit_options(metric, n, bootstrap=B)`` gives the largest k or
+folds that fit n items; the studies skip a metric that does not fit, saying what to change.
+
 Batching: mutual_knn, cka, unbiased_cka, cka_rbf and rsa compute each layer's neighbour
 table or normalised Gram vector once and score all pairs with one matrix product; cknna,
 svcca, pwcca, linear_predictivity and procrustes_retrieval loop over pairs but reuse each
@@ -46,7 +53,14 @@ O(D^2) for summed width D; the other kernel metrics are O(n^2) per layer).
 from .engine import METRICS, grid, metric_options, score
 from .inputs import MetricInputError
 from .maps import MAPS, PcaBasis, ProcrustesMap, RidgeMap, cosine
-from .stats import GridStats, bootstrap_replicates, grid_stats, score_stats
+from .stats import (
+    GridStats,
+    bootstrap_replicates,
+    fit_options,
+    grid_stats,
+    min_items,
+    score_stats,
+)
 
 __all__ = [
     "METRICS",
@@ -57,10 +71,12 @@ __all__ = [
     "RidgeMap",
     "bootstrap_replicates",
     "cosine",
+    "fit_options",
     "MetricInputError",
     "grid",
     "grid_stats",
     "metric_options",
+    "min_items",
     "score",
     "score_stats",
 ]

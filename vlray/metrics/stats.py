@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from .engine import Problem, setup
+from .engine import Problem, get_metric, setup
 from .inputs import MetricInputError
 
 # Counts a null replicate as reaching the observed score when within rounding of it, so that
@@ -42,6 +43,84 @@ def check_count(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         raise MetricInputError(f"{name} must be a non-negative integer, got {v!r}")
     return int(v)
+
+
+# The chance, over all of a run's resamples, that one has too few distinct items for the metric.
+_SHORT_RESAMPLE_RISK = 0.01
+
+
+def short_resample_chance(n: int, need: int) -> float:
+    """P(a bootstrap resample of ``n`` items has fewer than ``need`` distinct items), exactly."""
+    return float(_distinct_cdf(n)[min(need, n + 1) - 1]) if need > 0 else 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _distinct_cdf(n: int) -> np.ndarray:
+    """P(distinct items <= d) for d = 0..n in a bootstrap resample of ``n`` items: the count
+    after each of the n draws (a draw adds a new item with probability (n - d) / n)."""
+    d = np.arange(n + 1)
+    p = np.zeros(n + 1)
+    p[0] = 1.0
+    for _ in range(n):
+        move = p * (n - d) / n
+        p = p * d / n
+        p[1:] += move[:-1]
+    return np.cumsum(p)
+
+
+def min_items(metric: str, bootstrap: int = 0, **kwargs: Any) -> tuple[int, str]:
+    """The fewest items ``metric`` (with options ``kwargs``) can score, and why.
+
+    A metric needs ``need`` distinct items (``k + 1`` for the neighbour metrics, 4 for the
+    unbiased HSIC, ...). With bootstrap resampling every resample must have them too, and a
+    resample holds only about 63% of the items distinct: the minimum is then the smallest n
+    at which the chance that any of the ``bootstrap`` resamples falls short is under 1%.
+
+    >>> min_items("mutual_knn", k=10)
+    (11, 'k=10 neighbours besides the item itself')
+    >>> min_items("mutual_knn", bootstrap=100, k=10)[0]
+    26
+    """
+    impl = get_metric(metric)
+    need, why = impl.min_rows(impl.options(kwargs))
+    if not check_count("bootstrap", bootstrap):
+        return need, why
+    n = need
+    while bootstrap * short_resample_chance(n, need) > _SHORT_RESAMPLE_RISK:
+        n += 1
+    return n, (why + "; " if why else "") + f"{need} distinct in every bootstrap resample"
+
+
+# Options that set how many items a metric needs, with their smallest values, in the order
+# they are lowered to fit a small dataset.
+_SIZE_OPTIONS = {"k": 1, "csls_k": 1, "folds": 2}
+
+
+def fit_options(metric: str, n: int, bootstrap: int = 0, **kwargs: Any) -> dict | None:
+    """The size options (``k``, ``csls_k``, ``folds``) to change so that ``metric`` can score
+    ``n`` items: ``{}`` if it already can, the largest values that fit otherwise, or None
+    when no value of them does (too few items for the metric at all).
+
+    >>> fit_options("mutual_knn", 17, bootstrap=100)
+    {'k': 5}
+    """
+    impl = get_metric(metric)
+    opts = impl.options(kwargs)
+    if min_items(metric, bootstrap, **kwargs)[0] <= n:
+        return {}
+    changed: dict[str, int] = {}
+    for name, floor in _SIZE_OPTIONS.items():
+        if name not in opts:
+            continue
+        for value in range(opts[name] - 1, floor - 1, -1):
+            changed[name] = value
+            try:
+                if min_items(metric, bootstrap, **{**kwargs, **changed})[0] <= n:
+                    return changed
+            except MetricInputError:  # below the metric's own floor for this option
+                changed[name] = value + 1
+                break
+    return None
 
 
 def bootstrap_rows(seed: int, n: int, index: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """What the report reads: the named ``sql/report_*.sql`` queries over the lake's ``alignment``
-view, and the catalog's word on each model (modality, pretrained or random-init control)."""
+view (and its ``study_log``, ``quarantine`` and ``manifest`` views), and the catalog's word on
+each model (modality, pretrained or random-init control)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ QUERIES = {
     "forced_choice": "report_forced_choice",
     "exemplar": "report_exemplar_curves",
     "retrieval": "report_concept_retrieval",
+    "study_log": "report_study_log",
+    "study_log_counts": "report_study_log_counts",
+    "quarantine": "report_quarantine",
+    "layer_names": "report_layer_names",
 }
 
 
@@ -88,6 +93,25 @@ class ReportData:
         """Relative depth i / (L - 1) of a layer, L the model's distinct layers (0 if L = 1)."""
         n = self.layers.get((side, model), 1)
         return layer / (n - 1) if n > 1 else 0.0
+
+    @cached_property
+    def layer_names(self) -> dict[tuple[str, str], list[str]]:
+        """(dataset, model) -> its layer names from the manifest (index = ``layer``); a model
+        with no manifest record (a lake of results only) is not in it."""
+        names: dict[tuple[str, str], list[str]] = {}
+        for r in self["layer_names"]:
+            names.setdefault((r["dataset"], r["model"]), []).append(r["layer_name"])
+        return names
+
+    def layer_label(self, dataset: str, side: str, model: str, layer: int) -> str:
+        """A layer for an axis: its manifest name and relative depth i / (L - 1), L the
+        model's tapped layers, as "blocks.3 (0.50)"; "layer 3 (0.75)" when the manifest has
+        no name for it (depth then over the layers in the results)."""
+        names = self.layer_names.get((dataset, model), [])
+        if 0 <= layer < len(names):
+            depth = layer / (len(names) - 1) if len(names) > 1 else 0.0
+            return f"{names[layer]} ({depth:.2f})"
+        return f"layer {layer} ({self.depth(side, model, layer):.2f})"
 
     @cached_property
     def info(self) -> dict[str, ModelInfo]:

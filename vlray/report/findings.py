@@ -2,7 +2,10 @@
 
 One ``Finding`` per (finding, dataset, pretrained vision model, pretrained language model):
 ``holds`` is True or False with the numbers either way, or None when the inputs are missing
-(the study was not run, or ran without what the finding needs).
+(the study was not run, or ran without what the finding needs). A finding whose direction
+holds is "holds" only when its scores beat their permutation null (where one exists, at
+p < ``ALPHA``) and their intervals support the comparison; otherwise it is "not significant",
+with the numbers. Small data sets (README: "Minimum sizes") usually end there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ FINDINGS = {
 FAMILIES = ("image_appearance", "image_semantic", "text_appearance", "text_semantic")
 SIDES = ("both", "image", "text", "unspecified")  # exemplar: the side preferred first
 DIRECTIONS = ("text_to_image", "image_to_text")
+ALPHA = 0.05  # a score beats its permutation null when p < ALPHA
 FC_ALPHA = 0.01  # forced choice: p below this, with the CI's low end above chance
 RETRIEVAL_FACTOR = 3.0  # concept retrieval: P@10 at least this many times chance
 
@@ -31,13 +35,15 @@ RETRIEVAL_FACTOR = 3.0  # concept retrieval: P@10 at least this many times chanc
 @dataclass(frozen=True)
 class Finding:
     name: str  # a key of FINDINGS
-    holds: bool | None  # None: inputs missing ("not run")
+    holds: bool | None  # the predicted direction; None: inputs missing ("not run")
     text: str  # one line, with the numbers
     dataset: str | None = None
     vision_model: str | None = None
     language_model: str | None = None
     metric: str | None = None
     numbers: dict = field(default_factory=dict)
+    # Whether the null and the intervals support the direction (False: "not significant").
+    significant: bool = True
 
     @property
     def title(self) -> str:
@@ -45,6 +51,8 @@ class Finding:
 
     @property
     def status(self) -> str:
+        if self.holds and not self.significant:
+            return "not significant"
         return {True: "holds", False: "does not hold", None: "not run"}[self.holds]
 
     @property
@@ -105,13 +113,58 @@ def depth_finding(data: ReportData, dataset: str, vision: str, language: str) ->
         )
     deep, shallow = r["deep_mean"], r["shallow_mean"]
     holds = bool(deep > shallow)
+    tests = []
+    if r["deep_median_p"] is not None:
+        tests.append(
+            (
+                r["deep_median_p"] < ALPHA,
+                f"deep band's median p={fmt_p(r['deep_median_p'])} against a null mean of "
+                f"{fmt(r['deep_null_mean'])}",
+            )
+        )
+    if r["deep_null_mean"] is not None and r["shallow_null_mean"] is not None:
+        excess = deep - r["deep_null_mean"], shallow - r["shallow_null_mean"]
+        tests.append(
+            (
+                excess[0] > excess[1],
+                f"above the null by {fmt(excess[0])} (deep) vs {fmt(excess[1])} (shallow)",
+            )
+        )
+    if r["deep_ci_low"] is not None:
+        tests.append(
+            (
+                r["deep_ci_low"] > shallow,
+                f"deep band's mean CI low end {fmt(r['deep_ci_low'])} vs shallow {fmt(shallow)}",
+            )
+        )
+    significant, why = _significance(tests)
     text = (
         f"{metric}: mean over the deepest {r['band_layers']} of {r['vision_layers']} vision "
         f"layers (all language layers) {fmt(deep)} vs the shallowest {r['band_layers']} "
-        f"{fmt(shallow)} ({'higher' if holds else 'not higher'}, difference {fmt(deep - shallow)})"
+        f"{fmt(shallow)} ({'higher' if holds else 'not higher'}, difference "
+        f"{fmt(deep - shallow)}); {why}"
     )
-    numbers = {"deep_mean": deep, "shallow_mean": shallow, "vision_layers": r["vision_layers"]}
-    return Finding("depth", holds, text, metric=metric, numbers=numbers, **key)
+    numbers = {
+        "deep_mean": deep,
+        "shallow_mean": shallow,
+        "vision_layers": r["vision_layers"],
+        "deep_median_p": r["deep_median_p"],
+        "deep_ci_low": r["deep_ci_low"],
+    }
+    return Finding(
+        "depth", holds, text, metric=metric, numbers=numbers, significant=significant, **key
+    )
+
+
+def _significance(tests: list[tuple[bool, str]]) -> tuple[bool, str]:
+    """Whether every test passes, and a clause saying which did not (or that none could be
+    made: no null and no intervals, so nothing supports the direction)."""
+    if not tests:
+        return False, "no permutation null or bootstrap interval to test it against"
+    failed = [what for ok, what in tests if not ok]
+    if failed:
+        return False, "not significant: " + "; ".join(failed)
+    return True, "significant: " + "; ".join(what for _, what in tests)
 
 
 # --- 2. controls --------------------------------------------------------------------------
@@ -146,19 +199,26 @@ def controls_finding(data: ReportData, dataset: str, vision: str, language: str)
     best = max(controls, key=lambda r: r["value"])
     holds = bool(peak["value"] > best["value"])
     overlap = _ci_overlap(peak, best)
+    tests = []
+    if peak.get("p_value") is not None:
+        tests.append((peak["p_value"] < ALPHA, f"peak p={fmt_p(peak['p_value'])}"))
+    if overlap is not None:
+        tests.append((not overlap, "CIs overlap" if overlap else "CIs do not overlap"))
+    significant, why = _significance(tests)
     text = (
         f"{head}; highest of {len(controls)} control pair peaks {fmt(best['value'])} "
         f"{fmt_ci(best['ci_low'], best['ci_high'])} ({best['vision_model']} x "
         f"{best['language_model']}, vision layer {best['vision_layer']} x language layer "
-        f"{best['language_layer']})"
-        + ("" if overlap is None else "; CIs overlap" if overlap else "; CIs do not overlap")
+        f"{best['language_layer']}); {why}"
     )
     numbers = {
         "peak": peak["value"],
         "best_control": best["value"],
         "controls": {f"{r['vision_model']} x {r['language_model']}": r["value"] for r in controls},
     }
-    return Finding("controls", holds, text, metric=metric, numbers=numbers, **key)
+    return Finding(
+        "controls", holds, text, metric=metric, numbers=numbers, significant=significant, **key
+    )
 
 
 # --- 3. semantic vs appearance ------------------------------------------------------------
@@ -191,6 +251,7 @@ def semantic_finding(data: ReportData, dataset: str, vision: str, language: str)
         return Finding("semantic_vs_appearance", None, "not run: no perturbation drops", **key)
     fam = {f: _family_drop(rows, f) for f in FAMILIES}
     parts, verdicts, numbers = [], [], {}
+    significant, bits = True, []
     for side in ("image", "text"):
         sem, sem_note = fam[f"{side}_semantic"]
         app, app_note = fam[f"{side}_appearance"]
@@ -201,6 +262,11 @@ def semantic_finding(data: ReportData, dataset: str, vision: str, language: str)
             continue
         ok = bool(sem["drop"] > app["drop"])
         verdicts.append(ok)
+        # Paired drops: the semantic drop's interval must clear the appearance drop.
+        supported = sem["ci_low"] is not None and sem["ci_low"] > app["drop"]
+        significant = significant and supported
+        if ok and not supported:
+            bits.append(f"{side}: the semantic drop's CI reaches the appearance drop")
         numbers[f"{side}_semantic"], numbers[f"{side}_appearance"] = sem["drop"], app["drop"]
         parts.append(
             f"{side} semantic {fmt(sem['drop'])} {fmt_ci(sem['ci_low'], sem['ci_high'])}{sem_note} "
@@ -213,7 +279,17 @@ def semantic_finding(data: ReportData, dataset: str, vision: str, language: str)
         f"{metric}_drop at vision layer {pair['vision_layer']} x language layer "
         f"{pair['language_layer']}: " + "; ".join(parts)
     )
-    return Finding("semantic_vs_appearance", holds, text, metric=metric, numbers=numbers, **key)
+    if holds:
+        text += "; " + ("not significant: " + "; ".join(bits) if bits else "significant")
+    return Finding(
+        "semantic_vs_appearance",
+        holds,
+        text,
+        metric=metric,
+        numbers=numbers,
+        significant=significant,
+        **key,
+    )
 
 
 # --- 4. forced choice ---------------------------------------------------------------------
@@ -254,8 +330,10 @@ def forced_choice_finding(data: ReportData, dataset: str, vision: str, language:
     if not rows:
         return Finding("forced_choice", None, "not run: no forced-choice results", **key)
     first = next(iter(rows.values()))
-    verdicts = [(_above_chance(rows[d]) if d in rows else None) for d in DIRECTIONS]
+    # Direction: above chance; significant: the binomial test and the interval agree.
+    verdicts = [rows[d]["accuracy"] > rows[d]["chance"] if d in rows else None for d in DIRECTIONS]
     holds = False if False in verdicts else (None if None in verdicts else True)
+    significant = all(_above_chance(rows[d]) for d in DIRECTIONS if d in rows)
     parts = [_fc_text(rows[d]) if d in rows else f"{d} not run" for d in DIRECTIONS]
     parts += [
         _fc_text(r)
@@ -291,7 +369,17 @@ def forced_choice_finding(data: ReportData, dataset: str, vision: str, language:
     numbers["controls"] = {
         name: {r["direction"]: r["accuracy"] for r in rs} for name, rs in by_pair.items()
     }
-    return Finding("forced_choice", holds, text, metric="accuracy", numbers=numbers, **key)
+    if holds and not significant:
+        text += f"; not significant (needs p < {FC_ALPHA:g} and the CI above chance)"
+    return Finding(
+        "forced_choice",
+        holds,
+        text,
+        metric="accuracy",
+        numbers=numbers,
+        significant=significant,
+        **key,
+    )
 
 
 # --- 5. exemplar --------------------------------------------------------------------------
@@ -332,7 +420,12 @@ def exemplar_finding(data: ReportData, dataset: str, vision: str, language: str)
     )
     numbers = {"side": side, "k1": one["value"], "kmax": kmax, "value_kmax": top["value"]}
     numbers["ci_overlap"] = overlap
-    return Finding("exemplar", holds, text, metric=metric, numbers=numbers, **key)
+    significant = overlap is False
+    if holds and not significant:
+        text += "; not significant: the intervals of the draws overlap"
+    return Finding(
+        "exemplar", holds, text, metric=metric, numbers=numbers, significant=significant, **key
+    )
 
 
 # --- 6. concept retrieval -----------------------------------------------------------------
@@ -362,7 +455,22 @@ def retrieval_finding(data: ReportData, dataset: str, vision: str, language: str
         f"n={r['n']} concepts"
     )
     numbers = {"p@10": r["value"], "chance": r["chance"], "ratio": ratio}
-    return Finding("concept_retrieval", holds, text, metric="p@10", numbers=numbers, **key)
+    tests = []
+    if r.get("p_value") is not None:
+        tests.append((r["p_value"] < ALPHA, f"p={fmt_p(r['p_value'])} (concepts shuffled)"))
+    if r.get("ci_low") is not None:
+        tests.append((r["ci_low"] > r["chance"], f"CI low end {fmt(r['ci_low'])} vs chance"))
+    significant, why = _significance(tests)
+    text += f"; {why}"
+    return Finding(
+        "concept_retrieval",
+        holds,
+        text,
+        metric="p@10",
+        numbers=numbers,
+        significant=significant,
+        **key,
+    )
 
 
 RULES = {

@@ -20,7 +20,10 @@ th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-al
 th { background: #f3f3f3; }
 caption { caption-side: bottom; font-size: 0.85em; color: #555; text-align: left; }
 .holds { background: #d9f2d9; } .does-not-hold { background: #f8d7d7; }
-.not-run { background: #eee; color: #666; }
+.not-run { background: #eee; color: #666; } .not-significant { background: #fff3cd; }
+.status-failed { background: #f8d7d7; } .status-skipped { background: #eee; }
+.status-small-n { background: #fff3cd; }
+pre.sql { background: #f6f6f6; padding: 0.3em 0.6em; font-size: 0.85em; overflow-x: auto; }
 .notrun { color: #666; font-style: italic; }
 .figure { margin: 1.2em 0; }
 .row { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
@@ -32,13 +35,18 @@ dl.header dd { margin-left: 8.5em; }
 
 
 def _table(t: Table, classes: list[str] | None = None) -> str:
+    classes = classes or t.classes
     head = "".join(f"<th>{escape(h)}</th>" for h in t.headers)
     body = []
     for i, row in enumerate(t.rows):
         cls = f' class="{classes[i]}"' if classes and classes[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>")
     caption = f"<caption>{escape(t.caption)}</caption>" if t.caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    code = f'<pre class="sql"><code>{escape(t.code)}</code></pre>' if t.code else ""
+    return (
+        f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        + code
+    )
 
 
 def _header(data: ReportData) -> str:

@@ -6,8 +6,8 @@ numbers mean is decided by the caller (vlray.report.sections).
 
 from __future__ import annotations
 
-import math
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,8 @@ def _new(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG to ``path``."""
     fig.savefig(path, dpi=DPI, facecolor="white")
     return path
 
@@ -68,42 +69,69 @@ def _yerr(values, lows, highs) -> np.ndarray | None:
     )
 
 
-def _ticks(layers: list[int], most: int = 20) -> tuple[list[int], list[str]]:
-    step = max(1, math.ceil(len(layers) / most))
-    pos = list(range(0, len(layers), step))
-    if pos[-1] != len(layers) - 1:
-        pos.append(len(layers) - 1)
-    return pos, [str(layers[i]) for i in pos]
+def _ticks(labels: list[str], most: int = 8) -> tuple[list[int], list[str]]:
+    """At most ``most`` evenly spread ticks, the first and last always among them."""
+    pos = sorted({round(x) for x in np.linspace(0, len(labels) - 1, min(len(labels), most))})
+    return pos, [labels[i] for i in pos]
 
 
-def heatmap(
-    path: Path,
+def colour_scale(grids: Iterable[np.ndarray]) -> tuple[float, float]:
+    """One (vmin, vmax) for every grid given (all the heatmaps of one metric), so that equal
+    colours mean equal scores across model pairs: 0 to the largest finite score when none is
+    negative, else symmetric about 0 (-m to m, m the largest magnitude); (0, 1) if none is
+    finite."""
+    finite = [g[np.isfinite(g)] for g in grids]
+    values = np.concatenate(finite) if finite else np.array([])
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    if lo < 0:
+        m = max(-lo, hi)
+        return -m, m
+    return 0.0, hi if hi > 0 else 1.0
+
+
+def heatmap_figure(
     values: np.ndarray,
-    vision_layers: list[int],
-    language_layers: list[int],
+    vision_labels: list[str],
+    language_labels: list[str],
     peak: tuple[int, int] | None,
     title: str,
     value_label: str,
-) -> Path:
-    """A vision layer (y, deepest at the top) x language layer (x) grid with the peak boxed."""
+    scale: tuple[float, float] | None = None,
+) -> Figure:
+    """A vision layer (y, deepest at the top) x language layer (x) grid with the peak boxed;
+    one label per row and column (at most 8 shown per axis). ``scale`` (vmin, vmax) fixes the
+    colours (see colour_scale; default: this grid's own); a scale reaching below 0 is drawn
+    on a diverging map centred on 0."""
     n_v, n_l = values.shape
-    width = min(3.2 + 0.42 * n_l, 12)
-    fig = _new(width, min(2.4 + 0.36 * n_v, 10))
+    lo, hi = scale if scale is not None else colour_scale([values])
+    diverging = lo < 0
+    width = min(3.6 + 0.42 * n_l, 12)
+    fig = _new(width, min(2.8 + 0.36 * n_v, 10))
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(values)
-    im = ax.imshow(masked, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest")
-    xpos, xlab = _ticks(language_layers)
-    ypos, ylab = _ticks(vision_layers)
-    ax.set_xticks(xpos, xlab)
-    ax.set_yticks(ypos, ylab)
-    ax.set_xlabel("language layer")
-    ax.set_ylabel("vision layer")
+    im = ax.imshow(
+        masked,
+        origin="lower",
+        aspect="auto",
+        cmap="RdBu_r" if diverging else "viridis",
+        vmin=lo,
+        vmax=hi,
+        interpolation="nearest",
+    )
+    xpos, xlab = _ticks(language_labels)
+    ypos, ylab = _ticks(vision_labels)
+    ax.set_xticks(xpos, xlab, rotation=35, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.set_yticks(ypos, ylab, fontsize=7)
+    ax.set_xlabel("language layer (relative depth)")
+    ax.set_ylabel("vision layer (relative depth)")
     if n_v * n_l <= 100:  # small grids: the numbers in the cells
-        lo, hi = np.nanmin(values), np.nanmax(values)
-        mid = (lo + hi) / 2
         for i in range(n_v):
             for j in range(n_l):
                 if np.isfinite(values[i, j]):
+                    t = (values[i, j] - lo) / (hi - lo) if hi > lo else 0.5
+                    dark = abs(t - 0.5) > 0.3 if diverging else t <= 0.5
                     ax.text(
                         j,
                         i,
@@ -111,7 +139,7 @@ def heatmap(
                         ha="center",
                         va="center",
                         fontsize=7,
-                        color="black" if values[i, j] > mid else "white",
+                        color="white" if dark else "black",
                     )
     if peak is not None:
         i, j = peak
@@ -120,7 +148,7 @@ def heatmap(
         )
     fig.colorbar(im, ax=ax, label=value_label, shrink=0.9)
     ax.set_title(_wrap(title, width), fontsize=9)
-    return _save(fig, path)
+    return fig
 
 
 def drop_bars(
@@ -170,7 +198,7 @@ def drop_bars(
         frameon=False,
     )
     fig.suptitle(_wrap(title, 10, 10), fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def accuracy_bars(
@@ -196,7 +224,7 @@ def accuracy_bars(
     ax.set_ylabel("accuracy")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(_wrap(title, 4.8), fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def exemplar_curves(
@@ -234,7 +262,7 @@ def exemplar_curves(
     ax.grid(alpha=0.3)
     ax.legend(title="side averaged (dotted: null)", fontsize=8, title_fontsize=8)
     ax.set_title(_wrap(title, 5.6), fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def retrieval_bars(
@@ -298,4 +326,4 @@ def retrieval_bars(
     fig.legend(fontsize=8, loc="outside right upper", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(_wrap(title, fig_width - 1), fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)

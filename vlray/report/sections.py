@@ -1,5 +1,6 @@
 """One report section per study: its figures (PNG), the numbers behind each (a table and a
-CSV beside the PNG) and a one-line reading computed from those numbers."""
+CSV beside the PNG) and a one-line reading computed from those numbers; before them, the
+sections of what did not run (the study log) and what was refused (the quarantine)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import multiprocessing
 import os
 import re
+import shlex
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     caption: str = ""
+    classes: list[str] | None = None  # a CSS class per row ("" for none)
+    code: str = ""  # a command shown under the table (how to list the rows behind it)
 
 
 @dataclass
@@ -38,15 +42,16 @@ class Figure:
 
 @dataclass
 class Section:
-    study: str
+    study: str  # the study, or the lake table a section that is no study reads
     ran: bool
     intro: str = ""
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
+    heading: str = ""  # the title of a section that is no study
 
     @property
     def title(self) -> str:
-        return STUDY_TITLES.get(self.study, self.study)
+        return self.heading or STUDY_TITLES.get(self.study, self.study)
 
 
 def slug(*parts: str) -> str:
@@ -110,13 +115,186 @@ def _not_run(study: str) -> Section:
     return Section(study, False, f"not run: the lake has no '{study}' results")
 
 
+def sql_command(lake: str, query: str) -> str:
+    """``vlray sql --lake LAKE QUERY`` as a shell line (the query in double quotes when that is
+    safe, as people type it)."""
+    quoted = f'"{query}"' if not re.search(r'["$`\\!]', query) else shlex.quote(query)
+    return f"vlray sql --lake {shlex.quote(lake)} {quoted}"
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# --- what did not run, and what was refused -----------------------------------------------
+
+STUDY_LOG_CLASSES = {
+    "failed": "status-failed",
+    "skipped": "status-skipped",
+    "small_n": "status-small-n",
+}
+
+
+def study_log_section(data: ReportData) -> Section:
+    """The studies whose latest run was skipped, failed or scored too few items (the lake's
+    ``study_log`` table, sql/report_study_log.sql): read before any number of the report."""
+    section = Section("study_log", True, heading="Skipped, failed and small-n studies")
+    rows = data["study_log"]
+    logged = sum(int(r["outcomes"]) for r in data["study_log_counts"])
+    if not rows:
+        section.intro = (
+            f"Every study ran on enough items: none of the {logged} study outcomes logged by "
+            "the latest align runs was skipped, failed or small-n."
+            if logged
+            else "No study outcome is logged in this lake (its align runs predate the "
+            "study_log table, or none ran): re-run `vlray align` to record which studies were "
+            "skipped, failed or ran on too few items."
+        )
+        return section
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["status"]] += 1
+    section.intro = (
+        "The latest align run of these studies did not simply write their scores: "
+        + ", ".join(f"{counts[s]} {s.replace('_', '-')}" for s in sorted(counts))
+        + ". Skipped: nothing written (the reason says why); failed: an error, nothing "
+        "written; small-n: scores written from fewer items than the study's documented "
+        "minimum, so read them as a warning. 'all metrics' is the whole study."
+    )
+    section.tables.append(
+        Table(
+            ["dataset", "model pair", "study", "metric", "status", "n", "reason"],
+            [
+                [
+                    r["dataset"],
+                    pair_label(data, r["vision_model"], r["language_model"]),
+                    r["study"],
+                    r["metric"] or "all metrics",
+                    r["status"],
+                    "-" if r["n"] is None else str(r["n"]),
+                    r["reason"] or "-",
+                ]
+                for r in rows
+            ],
+            "From the study_log table (sql/report_study_log.sql): the latest outcome of each "
+            "study per model pair, rows whose status is not 'written'.",
+            [STUDY_LOG_CLASSES.get(r["status"], "") for r in rows],
+            f"vlray sql --lake {shlex.quote(data.lake)} --file report_study_log",
+        )
+    )
+    return section
+
+
+TOP_REASONS = 5  # reasons listed per dataset; the rest are one query away
+
+
+def quarantine_section(data: ReportData) -> Section:
+    """Per dataset, the rows refused while reading, decoding, validating or embedding, with
+    the most frequent reasons (the lake's ``quarantine`` table, sql/report_quarantine.sql)."""
+    section = Section("quarantine", True, heading="Quarantined rows")
+    groups = _groups(data["quarantine"], "dataset")
+    if not groups:
+        section.intro = "Nothing was quarantined: no row of any dataset was refused."
+        return section
+    section.intro = (
+        "Rows refused by a source (read, decode, validate) or by a model (embed) are left out "
+        "of every score. Per dataset: how many, and the most frequent reasons by stage."
+    )
+    for (dataset,) in sorted(groups):
+        rows = groups[(dataset,)]
+        first = rows[0]
+        top = rows[:TOP_REASONS]
+        shown = (
+            f"the {len(top)} most frequent of {first['dataset_reasons']} reasons"
+            if len(rows) > len(top)
+            else "every reason"
+        )
+        section.tables.append(
+            Table(
+                ["stage", "reason", "rows", "items", "refused by"],
+                [
+                    [
+                        r["stage"],
+                        r["reason"] or "-",
+                        str(r["rows"]),
+                        str(r["items"]),
+                        ", ".join(
+                            (["the source"] if r["by_source"] else [])
+                            + ([r["models"]] if r["models"] else [])
+                        ),
+                    ]
+                    for r in top
+                ],
+                f"{dataset}: {first['dataset_rows']} rows quarantined ({first['dataset_items']} "
+                f"items); {shown}.",
+                code=sql_command(
+                    data.lake, f"SELECT * FROM quarantine WHERE dataset = {_sql_literal(dataset)}"
+                ),
+            )
+        )
+    return section
+
+
 # --- layerwise ----------------------------------------------------------------------------
+
+
+@dataclass
+class Heatmap:
+    """One layerwise grid as drawn: scores [vision layer, language layer] (NaN where missing),
+    the layers of its rows and columns with their axis labels (manifest name and relative
+    depth), and the colour scale every heatmap of its metric shares."""
+
+    values: np.ndarray
+    vision_layers: list[int]
+    language_layers: list[int]
+    vision_labels: list[str]
+    language_labels: list[str]
+    scale: tuple[float, float] = (0.0, 1.0)
+
+
+def layerwise_heatmaps(data: ReportData) -> dict[tuple[str, str, str, str], Heatmap]:
+    """(dataset, vision model, language model, metric) -> its heatmap; the heatmaps of one
+    metric share one (vmin, vmax) over every model pair and dataset (plots.colour_scale), so
+    that a colour means the same score in each."""
+    maps = {}
+    for key, rows in _groups(
+        data["grid"], "dataset", "vision_model", "language_model", "metric"
+    ).items():
+        dataset, vision, language, _ = key
+        v_layers = sorted({r["vision_layer"] for r in rows})
+        l_layers = sorted({r["language_layer"] for r in rows})
+        grid = np.full((len(v_layers), len(l_layers)), np.nan)
+        vi = {x: i for i, x in enumerate(v_layers)}
+        li = {x: j for j, x in enumerate(l_layers)}
+        for r in rows:
+            grid[vi[r["vision_layer"]], li[r["language_layer"]]] = _val(r["value"])
+        maps[key] = Heatmap(
+            grid,
+            v_layers,
+            l_layers,
+            [data.layer_label(dataset, "vision", vision, i) for i in v_layers],
+            [data.layer_label(dataset, "language", language, j) for j in l_layers],
+        )
+    by_metric: dict[str, list[Heatmap]] = defaultdict(list)
+    for key, hm in maps.items():
+        by_metric[key[3]].append(hm)
+    for hms in by_metric.values():
+        scale = plots.colour_scale(hm.values for hm in hms)
+        for hm in hms:
+            hm.scale = scale
+    return maps
+
+
+def scale_note(metric: str, scale: tuple[float, float]) -> str:
+    """The colour scale, as the heatmap's title and reading state it."""
+    return f"one colour scale for every pair's {metric} heatmap: {scale[0]:.2f} to {scale[1]:.2f}"
 
 
 def layerwise_section(data: ReportData, out: Path) -> Section:
     if not data.has("layerwise"):
         return _not_run("layerwise")
     section = Section("layerwise", True)
+    heatmaps = layerwise_heatmaps(data)
     peaks = {
         tuple(r[k] for k in ("dataset", "vision_model", "language_model", "metric")): r
         for r in data["peaks"]
@@ -154,13 +332,7 @@ def layerwise_section(data: ReportData, out: Path) -> Section:
                 + ["-"] * (len(summary.headers) - 4)
             )
             continue
-        v_layers = sorted({r["vision_layer"] for r in rows})
-        l_layers = sorted({r["language_layer"] for r in rows})
-        grid = np.full((len(v_layers), len(l_layers)), np.nan)
-        vi = {x: i for i, x in enumerate(v_layers)}
-        li = {x: j for j, x in enumerate(l_layers)}
-        for r in rows:
-            grid[vi[r["vision_layer"]], li[r["language_layer"]]] = _val(r["value"])
+        hm = heatmaps[key]
         dv = data.depth("vision", vision, peak["vision_layer"])
         dl = data.depth("language", language, peak["language_layer"])
         reading = (
@@ -190,23 +362,28 @@ def layerwise_section(data: ReportData, out: Path) -> Section:
             ]
         )
         name = slug("layerwise", dataset, vision, language, metric)
-        plots.heatmap(
-            out / f"{name}.png",
-            grid,
-            v_layers,
-            l_layers,
-            (vi[peak["vision_layer"]], li[peak["language_layer"]]),
-            f"{dataset}: {short_pair(data, vision, language)}\n{metric}, peak "
-            f"{fmt(peak['value'])} (red box) at vision {peak['vision_layer']} x language "
-            f"{peak['language_layer']}",
-            metric,
+        at = (
+            hm.vision_layers.index(peak["vision_layer"]),
+            hm.language_layers.index(peak["language_layer"]),
         )
+        fig = plots.heatmap_figure(
+            hm.values,
+            hm.vision_labels,
+            hm.language_labels,
+            at,
+            f"{dataset}: {short_pair(data, vision, language)}\n{metric}, peak "
+            f"{fmt(peak['value'])} (red box) at vision {hm.vision_labels[at[0]]} x language "
+            f"{hm.language_labels[at[1]]}\n{scale_note(metric, hm.scale)}",
+            metric,
+            scale=hm.scale,
+        )
+        plots.save(fig, out / f"{name}.png")
         write_csv(out / f"{name}.csv", rows)
         section.figures.append(
             Figure(
                 f"{dataset}: {pair_label(data, vision, language)}, {metric}",
                 f"{name}.png",
-                reading,
+                f"{reading} ({scale_note(metric, hm.scale)})",
                 f"{name}.csv",
             )
         )
@@ -591,21 +768,27 @@ SECTIONS = (
 )
 
 
+# Sections of tables only (no figure to draw), shown before the studies' sections.
+NOTES = (study_log_section, quarantine_section)
+
+
 def _build(job: tuple[int, ReportData, Path]) -> Section:
     index, data, out = job
     return SECTIONS[index](data, out)
 
 
 def build_sections(data: ReportData, out: Path, workers: int | None = None) -> list[Section]:
-    """Every study's section, its PNG and CSV files written into ``out``.
+    """The sections of what did not run and what was refused (NOTES), then every study's
+    section, its PNG and CSV files written into ``out``.
 
     Drawing is CPU-bound matplotlib work, so the sections are drawn in ``workers`` processes
     (default: one per core, at most one per section); ``workers=1`` draws them in this one.
     """
+    notes = [note(data) for note in NOTES]
     jobs = [(i, data, out) for i in range(len(SECTIONS))]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers <= 1:
-        return [_build(job) for job in jobs]
+        return notes + [_build(job) for job in jobs]
     # "spawn": a fresh interpreter per worker, safe beside the threads Ray or DuckDB started.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_build, jobs))
+        return notes + list(pool.map(_build, jobs))

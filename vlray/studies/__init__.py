@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import concept_retrieval, exemplar, forced_choice, layerwise, perturbation
-from .inputs import StudyInputs, StudySkipped
+from .inputs import SmallN, StudyInputs, StudySkipped
 from .options import STUDY_NAMES, AlignOptions
 
 _MODULES = {
@@ -34,15 +34,19 @@ _MODULES = {
 STUDIES: dict[str, Callable[[StudyInputs, str], list[dict]]] = {
     name: module.run for name, module in _MODULES.items()
 }
+# Below these sizes a study's scores are written with a warning (module attribute ``SMALL_N``).
+SMALL_N: dict[str, SmallN] = {name: module.SMALL_N for name, module in _MODULES.items()}
 # Studies that fan out their own Ray tasks (module flag ``SUBMITS_TASKS``) when sharding is on:
 # they run from the driver, the others inside one task per model pair.
 SUBMITS_TASKS = frozenset(n for n, m in _MODULES.items() if getattr(m, "SUBMITS_TASKS", False))
 
 __all__ = [
+    "SMALL_N",
     "STUDIES",
     "STUDY_NAMES",
     "SUBMITS_TASKS",
     "AlignOptions",
+    "SmallN",
     "StudyInputs",
     "StudySkipped",
 ]

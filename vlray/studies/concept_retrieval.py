@@ -31,9 +31,15 @@ from vlray.metrics.predictive import csls, kfold
 from vlray.results import score_row
 
 from .exemplar import concept_members
-from .inputs import WORD_SPAN, StudyInputs, StudySkipped, thirds
+from .inputs import WORD_SPAN, SmallN, StudyInputs, StudySkipped, thirds
 
 METHODS = ("nn", "csls")
+
+SMALL_N = SmallN(
+    20,
+    "concepts",
+    "with fewer, P@10 is near 1 by chance (10 guesses among few concepts)",
+)
 
 
 def _vocabulary(inputs: StudyInputs) -> tuple[list[str], list[np.ndarray]]:

@@ -18,9 +18,15 @@ from vlray import metrics
 from vlray.items import IMAGE, TEXT
 from vlray.results import grid_rows
 
-from .inputs import WORD_SPAN, StudyInputs, StudySkipped, layer_labels
+from .inputs import WORD_SPAN, SmallN, StudyInputs, StudySkipped, layer_labels
 
 SIDES = ("image", "text", "both")
+
+SMALL_N = SmallN(
+    10,
+    "concepts",
+    "with fewer, concept-level scores of unrelated data sit far above 0",
+)
 
 
 def _members(ids: list, concepts: list, index: dict) -> dict[str, np.ndarray]:
@@ -81,11 +87,13 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
     most = {"image": min(map(len, img_groups)), "text": min(map(len, txt_groups))}
     most["both"] = min(most.values())
     alpha = (1.0 - options.confidence) / 2
-    rows, where = [], inputs.where("exemplar", run_id)
+    where = inputs.where("exemplar", run_id)
     v_layers = [m.astype(np.float64) for m in v.layers]
     t_layers = [m.astype(np.float64) for m in t.layers]
     labels = layer_labels(v), layer_labels(t)
-    for metric in own.metrics or options.metrics:
+
+    def score(metric: str) -> list[dict]:
+        rows = []
         kw = options.metric_kw(metric)
         done: dict[tuple[int, int], metrics.GridStats] = {}
         for side in SIDES:
@@ -110,7 +118,10 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                     )
                 stats = done[key]
                 rows += grid_rows(stats, metric=metric, condition=f"k={k}/{side}", **where)
-    return rows
+        return rows
+
+    # Concept-level scores: n is the number of concepts; intervals come from the draws.
+    return inputs.per_metric(own.metrics or options.metrics, len(concepts), 0, score)
 
 
 def _point(

@@ -25,9 +25,15 @@ from vlray import metrics
 from vlray.embeddings import LayerStack
 from vlray.results import score_row
 
-from .inputs import StudyInputs, StudySkipped
+from .inputs import SmallN, StudyInputs, StudySkipped
 
 DIRECTIONS = {"text_to_image": ("language", "vision"), "image_to_text": ("vision", "language")}
+
+SMALL_N = SmallN(
+    50,
+    "trials",
+    "with fewer, a two-way choice needs over 70% correct to pass the binomial test at p < 0.01",
+)
 
 
 def _usable_trials(inputs: StudyInputs) -> dict:

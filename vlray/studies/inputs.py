@@ -8,12 +8,15 @@ row i of the language stack describe the same image, through ``pair_id``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from vlray.catalog import ModelSpec
 from vlray.embeddings import (
@@ -27,10 +30,28 @@ from vlray.embeddings import (
 )
 from vlray.items import IMAGE, NO_PERTURBATION, TEXT
 from vlray.lake import Lake
+from vlray.metrics import MetricInputError, fit_options, min_items
 
 from .options import AlignOptions
 
 WORD_SPAN = "word_span"
+
+
+class SmallN(NamedTuple):
+    """Below ``n`` ``unit`` a study's statistics are unstable: its scores are still written,
+    with a warning that says ``why``."""
+
+    n: int
+    unit: str
+    why: str
+
+    def warning(self, n: int) -> str | None:
+        if n >= self.n:
+            return None
+        return (
+            f"scores from only {n} {self.unit}, below the documented minimum of {self.n}: "
+            f"{self.why}"
+        )
 
 
 class StudySkipped(Exception):
@@ -65,6 +86,68 @@ class StudyInputs:
         # What the studies that fan out Ray tasks report back: tasks run, largest task memory.
         self.tasks = 0
         self.peak_task_bytes = 0
+        # metric -> why a study could not score it on this dataset (the others still ran)
+        self.skipped_metrics: dict[str, str] = {}
+        self.n = 0  # items (or trials, concepts) the study scored, for the small-n warning
+
+    # --- metrics that cannot run on this dataset ---------------------------------------------
+    def metric_fits(self, metric: str, n: int, bootstrap: int) -> bool:
+        """Whether ``metric`` (with the configured options) can score ``n`` items with
+        ``bootstrap`` resamples; if not, the metric is recorded as skipped, with the minimum
+        n it needs and what to change."""
+        need, why = min_items(metric, bootstrap, **self.options.metric_kw(metric))
+        self.n = n
+        if n >= need:
+            return True
+        self.skipped_metrics[metric] = (
+            f"needs at least {need} items ({why}); the dataset has {n}; "
+            + self._fix(metric, n, bootstrap)
+        )
+        return False
+
+    def metric_failed(self, metric: str, err: MetricInputError, n: int, bootstrap: int) -> None:
+        """Record that ``metric`` was undefined on this data (a degenerate layer, ...)."""
+        self.skipped_metrics[metric] = f"{err}; {self._fix(metric, n, bootstrap)}"
+
+    def _fix(self, metric: str, n: int, bootstrap: int) -> str:
+        kwargs = self.options.metric_kw(metric)
+        fit = fit_options(metric, n, bootstrap, **kwargs)
+        if fit:
+            setting = yaml.safe_dump({metric: {**kwargs, **fit}}, default_flow_style=True).strip()
+            return f"to score it, set align.metric_kwargs: {setting}, or add items"
+        if bootstrap and fit_options(metric, n, 0, **kwargs) is not None:
+            return "to score it without intervals, set align.bootstrap: 0, or add items"
+        return "add items (or leave the metric out of align.metrics)"
+
+    def per_metric(
+        self,
+        metrics: Sequence[str],
+        n: int,
+        bootstrap: int,
+        score: Callable[[str], list[dict]],
+    ) -> list[dict]:
+        """``score(metric)`` for each metric that fits ``n`` items; a metric too big for the
+        dataset, or undefined on it, is skipped with its reason and the others' rows kept.
+        Raises StudySkipped when no metric could be scored."""
+        rows: list[dict] = []
+        self.n = n
+        for metric in metrics:
+            if not self.metric_fits(metric, n, bootstrap):
+                continue
+            try:
+                rows += score(metric)
+            except MetricInputError as err:
+                self.metric_failed(metric, err, n, bootstrap)
+        return self.scored(rows)
+
+    def scored(self, rows: list[dict]) -> list[dict]:
+        """``rows``, unless every metric was skipped (then StudySkipped with the reasons)."""
+        if not rows and self.skipped_metrics:
+            raise StudySkipped(
+                "no metric could be scored: "
+                + "; ".join(f"{m}: {why}" for m, why in self.skipped_metrics.items())
+            )
+        return rows
 
     def spec(self, side: str) -> ModelSpec:
         return self.vision if side == "vision" else self.language
@@ -96,14 +179,19 @@ class StudyInputs:
         return sorted(p for p in committed if p != NO_PERTURBATION)
 
     def stack(
-        self, side: str, perturbation: str = NO_PERTURBATION, pooling: str | None = None
+        self,
+        side: str,
+        perturbation: str = NO_PERTURBATION,
+        pooling: str | None = None,
+        layers: Sequence[int] | None = None,
     ) -> LayerStack:
-        """Every layer of one side's model, rows sorted by item id (cached)."""
+        """Every (or the listed) layer of one side's model, rows sorted by item id (cached)."""
         spec = self.spec(side)
-        key = (side, perturbation, pooling or spec.pooling[0])
+        wanted = None if layers is None else tuple(layers)
+        key = (side, perturbation, pooling or spec.pooling[0], wanted)
         if key not in self._stacks:
             self._stacks[key] = load_layers(
-                self.lake, self.dataset, spec.name, key[2], perturbation
+                self.lake, self.dataset, spec.name, key[2], perturbation, wanted and list(wanted)
             )
         return self._stacks[key]
 
@@ -113,7 +201,7 @@ class StudyInputs:
     def embedded(self, side: str, perturbation: str = NO_PERTURBATION) -> np.ndarray:
         """The ids of the items this side's model embedded (from its stack when loaded)."""
         spec = self.spec(side)
-        key = (side, perturbation, spec.pooling[0])
+        key = (side, perturbation, spec.pooling[0], None)
         if key in self._stacks:
             return self._stacks[key].item_ids
         return embedded_ids(self.lake, self.dataset, spec.name, key[2], perturbation)
@@ -170,12 +258,18 @@ class StudyInputs:
         )
 
     def pairs(
-        self, image_perturbation: str = NO_PERTURBATION, text_perturbation: str = NO_PERTURBATION
+        self,
+        image_perturbation: str = NO_PERTURBATION,
+        text_perturbation: str = NO_PERTURBATION,
+        vision_layers: Sequence[int] | None = None,
+        language_layers: Sequence[int] | None = None,
     ) -> tuple[LayerStack, LayerStack]:
-        """Both models' stacks in the rows of :meth:`pairing`: row i of each is image i."""
+        """Both models' stacks (every layer, or those listed) in the rows of
+        :meth:`pairing`: row i of each is image i, its text side the mean of its captions."""
         pairing = self.pairing(image_perturbation, text_perturbation)
-        v = self.rows(self.stack("vision", image_perturbation), pairing.image_ids)
-        t = self.rows(self.stack("language", text_perturbation), pairing.caption_ids)
+        v = self.stack("vision", image_perturbation, layers=vision_layers)
+        t = self.stack("language", text_perturbation, layers=language_layers)
+        v, t = self.rows(v, pairing.image_ids), self.rows(t, pairing.caption_ids)
         return v, mean_by_group(t, pairing.caption_pairs, pairing.pair_ids)
 
     def sources(self) -> tuple[LakeLayers, LakeLayers]:

@@ -12,13 +12,21 @@ same either way, up to float rounding.
 from __future__ import annotations
 
 from vlray import metrics, shards
+from vlray.metrics import MetricInputError
 from vlray.results import grid_rows
 
-from .inputs import StudyInputs, layer_labels
+from .inputs import SmallN, StudyInputs, layer_labels
 
 # Fans out its own Ray tasks: run from the driver, not inside a task (a waiting task would
 # hold its GPU share while its shards queue for one).
 SUBMITS_TASKS = True
+
+SMALL_N = SmallN(
+    100,
+    "items",
+    "with fewer, the scores of unrelated data sit well above 0 (compare the permutation null "
+    "mean) and bootstrap intervals are wide",
+)
 
 
 def run(inputs: StudyInputs, run_id: str) -> list[dict]:
@@ -31,10 +39,10 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
         "confidence": options.confidence,
         "seed": options.seed,
     }
-    rows = []
     if not options.shard:
         v, t = inputs.pairs()
-        for metric in options.metrics:
+
+        def score(metric: str) -> list[dict]:
             stats = metrics.grid_stats(
                 v.layers,
                 t.layers,
@@ -44,31 +52,44 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                 **scoring,
                 **options.metric_kw(metric),
             )
-            rows += grid_rows(stats, metric=metric, condition="none", **where)
-        return rows
+            return grid_rows(stats, metric=metric, condition="none", **where)
+
+        return inputs.per_metric(options.metrics, len(v.item_ids), options.bootstrap, score)
     v, t = inputs.sources()
+    n = v.n
+    usable = [m for m in options.metrics if inputs.metric_fits(m, n, options.bootstrap)]
     pending, layer_refs = [], None
     gpus = options.gpus_per_task or 0.0
     # The metrics' grids are submitted together: they share the cluster's workers.
-    workers = max(1, shards.cluster_workers(options.cpus_per_task, gpus) // len(options.metrics))
-    for metric in options.metrics:
-        grid = shards.submit(
-            v,
-            t,
-            metric,
-            memory_per_task=options.memory_per_task,
-            cpus_per_task=options.cpus_per_task,
-            gpus_per_task=gpus,
-            workers=workers,
-            layer_refs=layer_refs,
-            **scoring,
-            **options.metric_kw(metric),
-        )
+    workers = max(1, shards.cluster_workers(options.cpus_per_task, gpus) // max(1, len(usable)))
+    for metric in usable:
+        try:
+            grid = shards.submit(
+                v,
+                t,
+                metric,
+                memory_per_task=options.memory_per_task,
+                cpus_per_task=options.cpus_per_task,
+                gpus_per_task=gpus,
+                workers=workers,
+                layer_refs=layer_refs,
+                **scoring,
+                **options.metric_kw(metric),
+            )
+        except MetricInputError as err:
+            inputs.metric_failed(metric, err, n, options.bootstrap)
+            continue
         layer_refs = grid.layer_refs  # every metric reads the same layers once
         pending.append((metric, grid))
+    rows = []
     for metric, grid in pending:
-        stats, report = grid.result()
-        inputs.tasks += report.total_tasks
+        try:
+            stats, report = grid.result()
+        except MetricInputError as err:  # undefined on this data: the other metrics still count
+            inputs.metric_failed(metric, err, n, options.bootstrap)
+            continue
+        finally:
+            inputs.tasks += grid.report.total_tasks
         inputs.peak_task_bytes = max(inputs.peak_task_bytes, report.peak_task_bytes)
         rows += grid_rows(stats, metric=metric, condition="none", **where)
-    return rows
+    return inputs.scored(rows)
