@@ -7,8 +7,6 @@ import contextlib
 import io
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -128,35 +126,6 @@ def test_extract_names_the_top_quarantine_reasons(user_run, capsys):
     assert listed[0] == "item_id,modality,stage,reason"
     every = run_query(connect(lake), "SELECT count(*) AS n FROM quarantine").to_pylist()[0]["n"]
     assert len(listed) - 1 == every
-
-
-# Ray's notices on every run, which vlray avoids or filters at their source (vlray/cluster.py).
-# Not in the list: core_worker's "has constructor arguments in the object store", which Ray Data
-# causes on every actor pool (it passes its own ObjectRefs to the actors; ray-project/ray#57733)
-# and which only turning off the actors' restarts would avoid.
-RAY_NOISE = (
-    "Token authentication is enabled for this Ray cluster",
-    "worker processes have been started on node",
-)
-
-
-def test_extract_in_a_process_prints_its_summary_and_no_ray_notices(user_dataset, tmp_path):
-    manifest, root, _ = user_dataset
-    lake = str(tmp_path / "lake")
-    argv = ["extract", "--manifest", str(manifest), "--root", str(root)]
-    done = subprocess.run(
-        [sys.executable, "-m", "vlray.cli", *argv, "--models", "tiny_vit_random", "--lake", lake],
-        capture_output=True,
-        text=True,
-        timeout=360,
-    )
-    assert done.returncode == 0, done.stderr
-    out = done.stdout.splitlines()
-    assert out[-1].startswith("extract ") and "1 model run(s)" in out[-1], done.stdout
-    assert "       3 image/decode: cannot identify image file" in out, done.stdout
-    assert any(line.startswith("  see them all: vlray sql --lake ") for line in out)
-    for notice in RAY_NOISE:
-        assert notice not in done.stdout + done.stderr, notice
 
 
 def test_bad_rows_are_quarantined_with_a_reason(user_lake):

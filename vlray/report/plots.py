@@ -69,7 +69,7 @@ def _yerr(values, lows, highs) -> np.ndarray | None:
     )
 
 
-def _ticks(labels: list[str], most: int = 8) -> tuple[list[int], list[str]]:
+def _ticks(labels: list[str], most: int = 13) -> tuple[list[int], list[str]]:
     """At most ``most`` evenly spread ticks, the first and last always among them."""
     pos = sorted({round(x) for x in np.linspace(0, len(labels) - 1, min(len(labels), most))})
     return pos, [labels[i] for i in pos]
@@ -101,9 +101,9 @@ def heatmap_figure(
     scale: tuple[float, float] | None = None,
 ) -> Figure:
     """A vision layer (y, deepest at the top) x language layer (x) grid with the peak boxed;
-    one label per row and column (at most 8 shown per axis). ``scale`` (vmin, vmax) fixes the
-    colours (see colour_scale; default: this grid's own); a scale reaching below 0 is drawn
-    on a diverging map centred on 0."""
+    one label per row and column (at most 13 shown per axis: every layer of a 12-block
+    model). ``scale`` (vmin, vmax) fixes the colours (see colour_scale; default: this grid's
+    own); a scale reaching below 0 is drawn on a diverging map centred on 0."""
     n_v, n_l = values.shape
     lo, hi = scale if scale is not None else colour_scale([values])
     diverging = lo < 0
