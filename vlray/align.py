@@ -138,9 +138,9 @@ def align_pair(
         started = time.time()
         inputs.tasks = inputs.peak_task_bytes = inputs.n = 0
         inputs.skipped_metrics = {}
-        outcome = _run_study(inputs, study, run_id, inputs_of_pair)
-        summary["studies"][study] = outcome
         digest = _inputs_hash(*inputs_of_pair, study, options)
+        outcome = _run_study(inputs, study, run_id, digest)
+        summary["studies"][study] = outcome
         log_rows += _log_rows(outcome, study, run_id, digest, **results_key(*pair))
         if "rows" in outcome:
             outcome["seconds"] = time.time() - started
@@ -151,9 +151,10 @@ def align_pair(
     return summary
 
 
-def _run_study(inputs: StudyInputs, study: str, run_id: str, inputs_of_pair: tuple) -> dict:
-    """Run one study and commit its rows; its summary: rows, n, tasks, peak memory, the
-    metrics it skipped and a small-n warning; or ``skipped`` / ``failed`` with the reason."""
+def _run_study(inputs: StudyInputs, study: str, run_id: str, inputs_hash: str) -> dict:
+    """Run one study and commit its rows (recording ``inputs_hash``); its summary: rows, n,
+    tasks, peak memory, the metrics it skipped and a small-n warning; or ``skipped`` /
+    ``failed`` with the reason."""
     where = results_key(inputs.dataset, inputs.vision.name, inputs.language.name)
     try:
         with PeakMemory() as memory:
@@ -168,7 +169,7 @@ def _run_study(inputs: StudyInputs, study: str, run_id: str, inputs_of_pair: tup
     inputs.lake.write_results(
         alignment_table(rows),
         {"study": study, **where},
-        _inputs_hash(*inputs_of_pair, study, inputs.options),
+        inputs_hash,
         run_id,
     )
     n = max((r["n"] for r in rows), default=0)

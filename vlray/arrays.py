@@ -78,27 +78,31 @@ class LakeArrays:
     def _inputs(
         self,
         dataset: str,
+        held: dict[str, dict],
         vision: str,
         language: str,
         pooling: str | tuple[str, str] | None,
         **options,
     ) -> StudyInputs:
+        """What the studies read for the pair; ``held`` is :meth:`models` of ``dataset``."""
         poolings = pooling if isinstance(pooling, tuple) else (pooling, pooling)
         specs = [
-            self._spec(dataset, name, modality, p)
+            self._spec(dataset, held, name, modality, p)
             for name, modality, p in zip(
                 (vision, language), ("vision", "language"), poolings, strict=True
             )
         ]
         return StudyInputs(self.lake, dataset, *specs, AlignOptions(**options))
 
-    def _spec(self, dataset: str, name: str, modality: str, pooling: str | None) -> ModelSpec:
+    def _spec(
+        self, dataset: str, held: dict[str, dict], name: str, modality: str, pooling: str | None
+    ) -> ModelSpec:
         """The model's catalog entry (its first pooling is what the studies use), or, for a
         model the catalog does not know, a stand-in that names the lake's pooling."""
-        if name not in self.models(dataset):
+        if name not in held:
             raise ValueError(
                 f"dataset '{dataset}' in {self.lake.uri} has no embeddings of model '{name}'; "
-                f"it has: {', '.join(sorted(self.models(dataset))) or 'none'}"
+                f"it has: {', '.join(sorted(held)) or 'none'}"
             )
         try:
             spec = get_spec(name)
@@ -108,8 +112,9 @@ class LakeArrays:
             raise ValueError(f"model '{name}' is a {spec.modality} model, not {modality}")
         return spec if pooling is None else spec.model_copy(update={"pooling": [pooling]})
 
-    def _layers(self, dataset: str, model: str, layers: Layers) -> list[int]:
-        count = self.models(dataset)[model]["layers"]
+    @staticmethod
+    def _layers(held: dict[str, dict], model: str, layers: Layers) -> list[int]:
+        count = held[model]["layers"]
         if layers is None or layers == "all":
             return list(range(count))
         if layers == "last":
@@ -143,11 +148,18 @@ class LakeArrays:
         (vision, language) tuple; default each model's first catalog pooling, as the studies
         use. A perturbation gives the perturbed twin of the same pairing.
         """
+        held = self.models(dataset)
         inputs = self._inputs(
-            dataset, vision, language, pooling, captions=captions, image_roles=tuple(image_roles)
+            dataset,
+            held,
+            vision,
+            language,
+            pooling,
+            captions=captions,
+            image_roles=tuple(image_roles),
         )
-        vl = self._layers(dataset, vision, layers if vision_layers is None else vision_layers)
-        ll = self._layers(dataset, language, layers if language_layers is None else language_layers)
+        vl = self._layers(held, vision, layers if vision_layers is None else vision_layers)
+        ll = self._layers(held, language, layers if language_layers is None else language_layers)
         v, t = inputs.pairs(image_perturbation, text_perturbation, vl, ll)
         return _paired(dataset, v.item_ids, v, t, vl, ll, as_)
 
@@ -165,10 +177,11 @@ class LakeArrays:
         """One row per concept with both images and texts: the mean of its images and the
         mean of its captions (``text="caption"``) or in-context words (``"context"``, with
         word-span pooling), as the exemplar study's k = all point."""
-        inputs = self._inputs(dataset, vision, language, None, image_roles=tuple(image_roles))
+        held = self.models(dataset)
+        inputs = self._inputs(dataset, held, vision, language, None, image_roles=tuple(image_roles))
         v, t, img, txt = concept_members(inputs, text)
         names = sorted(set(img) & set(txt))
-        vl, ll = (self._layers(dataset, m, layers) for m in (vision, language))
+        vl, ll = (self._layers(held, m, layers) for m in (vision, language))
         v_means = [np.stack([v.layers[i][img[c]].mean(axis=0) for c in names]) for i in vl]
         t_means = [np.stack([t.layers[i][txt[c]].mean(axis=0) for c in names]) for i in ll]
         return _paired(

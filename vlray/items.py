@@ -66,6 +66,9 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 QUARANTINE_STAGES = ("read", "decode", "validate", "embed")
+# Quarantine reasons a person is shown per dataset (extract's summary, the report); the rest
+# are one query away.
+TOP_QUARANTINE_REASONS = 5
 
 # Forced choice runs both ways (He, Trott & Khosla 2025): a caption and the images to choose
 # between ("text_to_image"), or an image and the captions to choose between ("image_to_text").

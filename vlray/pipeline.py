@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from vlray.cluster import ensure_ray
 from vlray.config import RunConfig
 from vlray.extract import ExtractOptions, ModelResult, extract_model, partitions_to_compute
 from vlray.images import local_path
-from vlray.items import EXTRA_TABLES
+from vlray.items import EXTRA_TABLES, TOP_QUARANTINE_REASONS
 from vlray.lake import Lake, new_run_id
 from vlray.sources import load_source
+from vlray.sql import sql_command
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ _PATH = re.compile(r"\S*/\S*")
 _HEX = re.compile(r"\b[0-9a-fA-F]{8,}\b")
 _NUMBER = re.compile(r"\b\d[\d,.]*\b")
 _MASK = "..."  # ASCII: the summary may go to a log with any encoding
-TOP_REASONS = 5
 
 
 def normalised_reason(reason: str, width: int = 72) -> str:
@@ -111,14 +110,15 @@ class ExtractSummary:
         if not reasons:
             return []
         out = [f"quarantine of {dataset}, top reasons (items):"]
-        out += [f"  {n:>6} {reason}" for n, reason in reasons[:TOP_REASONS]]
-        if len(reasons) > TOP_REASONS:
-            out.append(f"  {'':>6} and {len(reasons) - TOP_REASONS} more reason(s)")
-        # Dataset names are [A-Za-z0-9_.-] (config.py): safe inside the double-quoted query.
+        top = reasons[:TOP_QUARANTINE_REASONS]
+        out += [f"  {n:>6} {reason}" for n, reason in top]
+        if len(reasons) > len(top):
+            out.append(f"  {'':>6} and {len(reasons) - len(top)} more reason(s)")
+        # Dataset names are [A-Za-z0-9_.-] (config.py): safe inside the quoted query.
         query = (
             f"SELECT item_id, modality, stage, reason FROM quarantine WHERE dataset = '{dataset}'"
         )
-        out.append(f'  see them all: vlray sql --lake {shlex.quote(self.lake)} "{query}"')
+        out.append(f"  see them all: {sql_command(self.lake, query)}")
         return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,13 @@ VIEWS = tuple(TABLES)
 
 _READ_ONLY = {"SELECT", "EXPLAIN"}
 _SOURCE = re.compile(r"\{\{\s*source\('(\w+)'\)\s*\}\}")
+
+
+def sql_command(lake: str, query: str) -> str:
+    """``vlray sql --lake LAKE QUERY`` as a shell line (the query in double quotes when that is
+    safe, as people type it): what a summary or the report prints to list the rows behind it."""
+    quoted = f'"{query}"' if not re.search(r'["$`\\!]', query) else shlex.quote(query)
+    return f"vlray sql --lake {shlex.quote(lake)} {quoted}"
 
 
 class QueryError(ValueError):

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vlray.items import TOP_QUARANTINE_REASONS
 from vlray.report import plots
 from vlray.report.data import STUDY_TITLES, ReportData, deepest_rows, fmt, fmt_ci, fmt_p
+from vlray.sql import sql_command
 
 BIN_ORDER = {"low": 0, "rare": 0, "mid": 1, "medium": 1, "high": 2, "frequent": 2}
 
@@ -115,13 +117,6 @@ def _not_run(study: str) -> Section:
     return Section(study, False, f"not run: the lake has no '{study}' results")
 
 
-def sql_command(lake: str, query: str) -> str:
-    """``vlray sql --lake LAKE QUERY`` as a shell line (the query in double quotes when that is
-    safe, as people type it)."""
-    quoted = f'"{query}"' if not re.search(r'["$`\\!]', query) else shlex.quote(query)
-    return f"vlray sql --lake {shlex.quote(lake)} {quoted}"
-
-
 def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -185,9 +180,6 @@ def study_log_section(data: ReportData) -> Section:
     return section
 
 
-TOP_REASONS = 5  # reasons listed per dataset; the rest are one query away
-
-
 def quarantine_section(data: ReportData) -> Section:
     """Per dataset, the rows refused while reading, decoding, validating or embedding, with
     the most frequent reasons (the lake's ``quarantine`` table, sql/report_quarantine.sql)."""
@@ -203,7 +195,7 @@ def quarantine_section(data: ReportData) -> Section:
     for (dataset,) in sorted(groups):
         rows = groups[(dataset,)]
         first = rows[0]
-        top = rows[:TOP_REASONS]
+        top = rows[:TOP_QUARANTINE_REASONS]
         shown = (
             f"the {len(top)} most frequent of {first['dataset_reasons']} reasons"
             if len(rows) > len(top)

@@ -130,7 +130,6 @@ class StudyInputs:
         dataset, or undefined on it, is skipped with its reason and the others' rows kept.
         Raises StudySkipped when no metric could be scored."""
         rows: list[dict] = []
-        self.n = n
         for metric in metrics:
             if not self.metric_fits(metric, n, bootstrap):
                 continue
