@@ -56,6 +56,18 @@ def local_cluster(s3_endpoint):
         cluster.stop()
 
 
+def test_worker_port_ranges_stay_clear_of_every_port_ray_or_we_pick():
+    # CI once failed because a node's agent port (ephemeral) fell inside its worker range.
+    from vlray.bench.localcluster import _ephemeral_low, _free_ports, _free_range
+
+    taken: list[int] = []
+    for _ in range(20):
+        taken.append(_free_range(100, taken))
+    assert all(20_000 <= base and base + 100 <= _ephemeral_low() for base in taken)
+    assert all(abs(a - b) >= 100 for i, a in enumerate(taken) for b in taken[:i])
+    assert all(p >= _ephemeral_low() for p in _free_ports(50))
+
+
 def _scalar(con, query: str):
     return run_query(con, query).to_pylist()[0]["n"]
 

@@ -62,11 +62,27 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for `bind(("", 0))` (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def _free_range(size: int, taken: list[int]) -> int:
     """The first port of `size` consecutive free ports (a raylet's worker ports), apart from
-    the ranges starting at `taken` (those of this cluster's other nodes)."""
+    the ranges starting at `taken` (those of this cluster's other nodes).
+
+    Drawn below the kernel's ephemeral range: every other port of a node (ours from
+    `_free_ports`, and the ones Ray picks itself) is ephemeral, so none can land inside a
+    worker range, which Ray refuses at start-up ("used by other components"). Drawn above
+    20000, clear of Ray's fixed defaults (6379, 8265, 10001), which it also checks."""
+    top = _ephemeral_low() - size
+    if top <= 20_000:
+        raise RuntimeError(f"no room for {size} worker ports below the ephemeral range")
     for _ in range(200):
-        base = 20_000 + secrets.randbelow(40_000 - size)
+        base = 20_000 + secrets.randbelow(top - 20_000)
         if any(abs(base - t) < size for t in taken):
             continue
         socks = []
