@@ -3,7 +3,7 @@
 -- Ties go to the shallower pair. The report reads this query too.
 WITH grid AS (
     SELECT * FROM alignment
-    WHERE study = 'layerwise' AND condition = 'none' AND value IS NOT NULL
+    WHERE study = 'layerwise' AND value IS NOT NULL
       -- New results never hold NaN (they are refused when written); older lakes may. The test
       -- is on the text form: DuckDB folds isnan(value) to false from Parquet min/max
       -- statistics, which leave NaN out.

@@ -7,7 +7,7 @@
 -- deep band's bootstrap interval low ends (is it above the shallow band?).
 WITH grid AS (
     SELECT * FROM alignment
-    WHERE study = 'layerwise' AND condition = 'none' AND value IS NOT NULL
+    WHERE study = 'layerwise' AND value IS NOT NULL
       -- NaN test on the text form: DuckDB folds isnan(value) to false from Parquet min/max
       -- statistics, which leave NaN out
       AND NOT isnan(value::VARCHAR::DOUBLE)

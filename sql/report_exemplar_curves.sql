@@ -1,11 +1,8 @@
 -- Exemplar averaging at the deepest layer pair of each model pair and metric: the score
 -- against k (exemplars averaged per concept) for each side averaged (image, text, both;
--- `unspecified` when the condition names no side).
+-- `unspecified` when a row names no side).
 WITH ex AS (
-    SELECT *,
-           TRY_CAST(regexp_extract(condition, 'k=([0-9]+)', 1) AS INTEGER) AS k,
-           coalesce(nullif(regexp_extract(condition, 'k=[0-9]+/(\w+)', 1), ''), 'unspecified')
-               AS side
+    SELECT * REPLACE (coalesce(averaged_side, 'unspecified') AS averaged_side)
     FROM alignment WHERE study = 'exemplar'
 ),
 deepest AS (
@@ -14,7 +11,7 @@ deepest AS (
     FROM ex GROUP BY ALL
 )
 SELECT dataset, vision_model, language_model, metric, vision_layer, language_layer,
-       side, k, value, ci_low, ci_high, null_mean, p_value, n
+       averaged_side AS side, k, value, ci_low, ci_high, null_mean, p_value, n
 FROM ex JOIN deepest USING (dataset, vision_model, language_model, metric, vision_layer,
                             language_layer)
 WHERE k IS NOT NULL

@@ -9,7 +9,7 @@ deepest AS (
     FROM fc GROUP BY ALL
 )
 SELECT dataset, vision_model, language_model, vision_layer, language_layer,
-       condition AS direction, value AS accuracy, ci_low, ci_high,
+       direction, value AS accuracy, ci_low, ci_high,
        coalesce(null_mean, 0.5) AS chance, p_value, n
 FROM fc JOIN deepest USING (dataset, vision_model, language_model, vision_layer, language_layer)
 ORDER BY dataset, vision_model, language_model, direction;

@@ -70,6 +70,15 @@ def lake_files(uri: str) -> dict[str, int]:
     return {i.path: i.size for i in infos if i.type == FileType.File}
 
 
+@pytest.fixture
+def empty_lake(tmp_path) -> str:
+    """A lake with no table yet: for a test that needs a lake to exist and nothing in it (the
+    views, the read-only guard), instead of ``small_lake``'s extraction of four models."""
+    path = tmp_path / "lake"
+    path.mkdir()
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def small_lake(ray_session, tmp_path_factory):
     """A lake with the small shapes world embedded by LAKE_MODELS, and the run's summary."""

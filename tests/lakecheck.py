@@ -109,7 +109,8 @@ def assert_lake_consistent(lake: str) -> dict[tuple[str, str], dict]:
     - every visible (model, perturbation) partition has exactly the rows its newest manifest
       record says, and a partition without a record has none;
     - each partition is whole: every item has every layer with each of its poolings, exactly
-      once, and every item of the items table is embedded or quarantined;
+      once, each of the model's layers holds every item, and every item of the items table
+      is embedded or quarantined;
     - a partition's files all come from one run (one job's transaction), the run its manifest
       record names;
     - the items table holds each item once.
@@ -144,6 +145,19 @@ def assert_lake_consistent(lake: str) -> dict[tuple[str, str], dict]:
         items[key] = items.get(key, 0) + 1
     for key, n in items.items():
         assert n == records[key]["items"], (key, n, records[key]["items"])
+    # Layer by layer too: each of the model's layers holds every item (a layer file left out
+    # of a commit would show here even if each item still had as many layers).
+    layers: dict[tuple[str, str], set[int]] = {}
+    for r in _query(
+        con,
+        "SELECT model, perturbation, layer, count(DISTINCT item_id) AS items FROM embeddings "
+        "GROUP BY ALL",
+    ):
+        key = (r["model"], r["perturbation"])
+        assert r["items"] == records[key]["items"], f"a partial layer: {r}"
+        layers.setdefault(key, set()).add(r["layer"])
+    for key, seen in layers.items():
+        assert seen == set(range(records[key]["layers"])), (key, sorted(seen))
     accounting = _query(con, named_query("accounting"))
     assert all(r["balanced"] for r in accounting), accounting
 

@@ -46,7 +46,7 @@ def test_pairs_follow_pair_id_and_average_captions(small_lake):
 def test_pairs_api_gives_the_arrays_the_layerwise_study_scored(aligned):
     """`vlray.open_lake(L).pairs(...)` returns what the sharded layerwise tasks read, and
     scoring it reproduces the alignment table."""
-    from vlray.studies import StudyInputs
+    from vlray.studies.inputs import StudyInputs
 
     lake, _ = aligned
     p = vlray.open_lake(lake).pairs(
@@ -225,8 +225,8 @@ def test_bad_metric_in_config_names_the_field(tmp_path, capsys):
 def test_all_five_studies_run_on_the_shapes_world_through_ray(small_lake):
     """Every study on the real small lake (trials, foils, vocabulary and perturbations from
     the shapes world), through one Ray task, with the results table's conventions."""
+    from vlray.options import ExemplarOptions, PerturbationOptions
     from vlray.studies import STUDY_NAMES
-    from vlray.studies.options import ExemplarOptions, PerturbationOptions
 
     lake, _ = small_lake
     # 4 perturbed scenes: too few for bootstrap intervals of a drop (min_items), so none
@@ -269,10 +269,10 @@ def test_all_five_studies_run_on_the_shapes_world_through_ray(small_lake):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_score_is_refused_naming_where_it_arose(value):
-    from vlray.results import score_row
+    from vlray.results import Condition, score_row
 
     where = dict(study="layerwise", dataset="shapes", vision_model="v", language_model="t")
-    place = dict(vision_layer=2, language_layer=3, metric="cka", condition="none", n=10)
+    place = dict(vision_layer=2, language_layer=3, metric="cka", condition=Condition(), n=10)
     with pytest.raises(ValueError, match=r"layerwise on shapes, v x t, layers \(2, 3\), cka"):
         score_row(**where, **place, value=value, run_id="r")
     # A non-finite statistic is only missing: it becomes null.

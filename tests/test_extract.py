@@ -274,7 +274,7 @@ def test_embed_stage_turns_bad_rows_into_quarantine_records():
 
 
 def test_non_finite_embeddings_are_found_per_row():
-    from vlray.extract import _non_finite_rows
+    from vlray.extract.quarantine import _non_finite_rows
     from vlray.models import Pooled
 
     good = np.ones((3, 4), dtype=np.float32)
@@ -335,7 +335,8 @@ def test_sink_writes_layer_runs_and_counts_items_split_across_tasks_once(tmp_pat
     counts once."""
     from types import SimpleNamespace
 
-    from vlray.extract import OUTPUT_SCHEMA, EmbeddingSink, _embedding_rows
+    from vlray.extract import OUTPUT_SCHEMA, EmbeddingSink
+    from vlray.extract.embed import _embedding_rows
     from vlray.models import Pooled
 
     lake = Lake(str(tmp_path / "lake"))

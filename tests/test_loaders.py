@@ -15,8 +15,7 @@ import pytest
 
 from vlray.items import CONCEPTS_SCHEMA, TRIALS_SCHEMA, trials_table
 from vlray.lake import Lake
-from vlray.sources import SOURCES, SourceOutput, check_params, load_source
-from vlray.sources._common import SourceError
+from vlray.sources import SOURCES, SourceError, SourceOutput, check_params, load_source
 from vlray.sql import connect, run_query
 
 from .test_images import encode, noisy

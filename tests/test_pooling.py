@@ -33,14 +33,17 @@ def test_cls_and_last_token_with_right_and_left_padding():
     )
 
 
-def test_word_span_mask_picks_the_overlapping_subwords():
-    # "a redcircle!" tokenised as [CLS] a red ##circle ! [SEP] [PAD]
-    offsets = torch.tensor([[[0, 0], [0, 1], [2, 5], [5, 11], [11, 12], [0, 0], [0, 0]]])
-    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
-    span = P.word_span_mask(offsets, attention, [(2, 11)])
+def test_word_span_picks_the_overlapping_subwords():
+    # "a redcircle!" tokenised as [CLS] a red ##circle ! [SEP] [PAD]; the word spans 2..11.
+    # As extraction does: the overlap rule gives the word's token range, the range the mask.
+    offsets = torch.tensor([[0, 0], [0, 1], [2, 5], [5, 11], [11, 12], [0, 0], [0, 0]])
+    hits = torch.nonzero(P.token_overlaps(offsets[:, 0], offsets[:, 1], 2, 11)).flatten()
+    span = P.token_range_mask(torch.tensor([[hits[0], hits[-1] + 1]]), 7)
     assert span.tolist() == [[False, False, True, True, False, False, False]]
     x = torch.randn(1, 7, 4)
     torch.testing.assert_close(P.pool_tokens(x, "word_span", span_mask=span)[0], x[0, 2:4].mean(0))
+    # a row without the word (range -1, -1) selects no token
+    assert not P.token_range_mask(torch.tensor([[-1, -1]]), 7).any()
 
 
 def test_spatial_mean():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from html import escape as html_escape
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from markupsafe import escape as html_escape  # as the report's templates escape
 from PIL import Image
 
 from vlray.items import ITEMS_SCHEMA, QUARANTINE_SCHEMA
@@ -18,7 +18,14 @@ from vlray.lake import Lake
 from vlray.report import FINDINGS, findings, plots, write_report
 from vlray.report.data import ReportError, fmt, load
 from vlray.report.sections import layerwise_heatmaps, study_log_section
-from vlray.results import alignment_table, study_log_row, study_log_table
+from vlray.results import (
+    Condition,
+    Metric,
+    alignment_table,
+    metric_columns,
+    study_log_row,
+    study_log_table,
+)
 
 V, T = "efficientnet_lite0", "minilm_l6"  # the pretrained pair
 VR, TR = "efficientnet_lite0_random", "minilm_l6_random"  # their random-init controls
@@ -40,8 +47,8 @@ def _row(
     language,
     vl,
     ll,
-    metric,
-    condition,
+    metric: str | Metric,
+    condition: Condition,
     value,
     lo=None,
     hi=None,
@@ -56,8 +63,9 @@ def _row(
         "language_model": language,
         "vision_layer": vl,
         "language_layer": ll,
-        "metric": metric,
-        "condition": condition,
+        **metric_columns(metric),
+        "condition": condition.label,
+        **condition.columns(),
         "value": float(value),
         "ci_low": lo,
         "ci_high": hi,
@@ -117,7 +125,7 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
                     v,
                     t,
                     metric,
-                    "none",
+                    Condition(),
                     lambda i, j, v=v, t=t: _layer_value(v, t, i, j, hold),
                     null=0.02,
                     p=0.001,
@@ -125,13 +133,14 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
     if "perturbation" in studies:
         for v, t in pairs[:2]:
             base = lambda i, j, v=v, t=t: _layer_value(v, t, i, j, True)  # noqa: E731
-            out["perturbation"] += _grid("perturbation", v, t, "cka", "none", base)
+            unperturbed = Condition(perturbation="none")
+            out["perturbation"] += _grid("perturbation", v, t, "cka", unperturbed, base)
             peak = (NV - 1, NT - 1)
             for family, names in FAMILY_PERTURBATIONS.items():
                 semantic = family.endswith("semantic")
                 drop = (0.3 if semantic else 0.02) if hold else (0.01 if semantic else 0.25)
                 for name in names:
-                    cond = f"{family}/{name}"
+                    cond = Condition(perturbation=f"{family}/{name}", perturbation_family=family)
                     out["perturbation"] += _grid(
                         "perturbation",
                         v,
@@ -146,7 +155,7 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
                             v,
                             t,
                             *peak,
-                            "cka_drop",
+                            Metric(drop_of="cka"),
                             cond,
                             drop,
                             drop - 0.05,
@@ -159,8 +168,8 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
                         v,
                         t,
                         *peak,
-                        "cka_drop",
-                        family,
+                        Metric(drop_of="cka"),
+                        Condition(perturbation_family=family),
                         drop,
                         drop - 0.04,
                         drop + 0.04,
@@ -172,7 +181,7 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
             deep = (0.86 if hold else 0.53) if (v, t) == (V, T) else control_fc
             for i in range(NV):
                 for j in range(NT):
-                    for d in ("text_to_image", "image_to_text"):
+                    for d in [Condition(direction=x) for x in ("text_to_image", "image_to_text")]:
                         acc = deep if (i, j) == (NV - 1, NT - 1) else 0.55
                         lo, hi = _wilson(acc, n)
                         from scipy.stats import binomtest
@@ -193,7 +202,7 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
                         v,
                         t,
                         "cka",
-                        f"k={k}/{side}",
+                        Condition(k=k, averaged_side=side),
                         lambda i, j, base=base, gain=gain: base * (i + 1) / NV + gain,
                         null=0.03,
                     )
@@ -202,16 +211,16 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
         for v, t in pairs[:2]:
             good = (v, t) == (V, T) and hold
             for method in ("nn", "csls"):
-                bins = [""] + [
-                    f"/{b}={x}" for b in ("dispersion", "frequency") for x in ("low", "mid", "high")
+                bins = [(None, None)] + [
+                    (b, x) for b in ("dispersion", "frequency") for x in ("low", "mid", "high")
                 ]
-                for suffix in bins:
+                for breakdown, bin_ in bins:
                     for k in (1, 10, 100):
                         chance = k / n_concepts
                         value = min(0.97, (0.3 if good else 0.04) * math.sqrt(k)) + (
                             0.02 if method == "csls" else 0
                         )
-                        if suffix.endswith("=high"):
+                        if bin_ == "high":
                             value *= 0.5
                         out["concept_retrieval"].append(
                             _row(
@@ -220,8 +229,8 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
                                 t,
                                 NV - 1,
                                 NT - 1,
-                                f"p@{k}",
-                                f"{method}{suffix}",
+                                Metric(top_k=k),
+                                Condition(retrieval=method, breakdown=breakdown, bin=bin_),
                                 value,
                                 max(0, value - 0.05),
                                 min(1, value + 0.05),
@@ -316,6 +325,19 @@ def test_findings_hold_on_planted_data(planted_report):
     assert by["concept_retrieval"].numbers["ratio"] >= 3
 
 
+def test_report_reads_the_metric_parts_not_the_labels(planted_report):
+    """P@K's K and the metric a drop is of come from the typed columns (top_k, drop_of)."""
+    lake, _ = planted_report
+    data = load(lake)
+    retrieval = data["retrieval"]
+    assert {r["at_k"] for r in retrieval} == {1, 10, 100}
+    assert all(r["metric"] == Metric(top_k=r["at_k"]).label for r in retrieval)
+    drops = data["drops"]
+    assert drops and {r["metric"] for r in drops} == {"cka"}  # the metric dropped
+    assert all(r["unperturbed"] is not None for r in drops)
+    assert all((r["perturbed"] is None) == (r["perturbation"] is None) for r in drops)
+
+
 def test_findings_do_not_hold_when_planted_against(tmp_path):
     lake = make_lake(tmp_path / "lake", hold=False)
     found = {f.name: f for f in findings(lake)}
@@ -381,7 +403,7 @@ def test_missing_studies_say_not_run(tmp_path):
     index = write_report(lake, tmp_path / "out")
     html = index.read_text()
     for study in ("perturbation", "forced_choice", "exemplar", "concept_retrieval"):
-        assert f"not run: the lake has no &#x27;{study}&#x27; results" in html
+        assert f"not run: the lake has no &#39;{study}&#39; results" in html
     assert html.count('class="not-run"') == 4
     assert {p.name.split("__")[0] for p in index.parent.glob("*.png")} == {"layerwise"}
 
@@ -399,7 +421,45 @@ def test_model_not_in_catalog_counts_as_pretrained(tmp_path):
     # twin stays a control.
     assert pairs == {("my_own_vit", T), ("my_own_vit_random", T)}
     html = write_report(str(tmp_path / "lake"), tmp_path / "out").read_text()
-    assert "not in catalog: taken as pretrained" in html
+    assert "not recorded, not in the catalog: taken as pretrained" in html
+
+
+def _record_init(lake: Lake, inits: dict[str, str]) -> None:
+    """Manifest records, as extraction writes them, with each model's init."""
+    for model, init in inits.items():
+        record = {"dataset": DATASET, "model": model, "perturbation": "none", "init": init}
+        lake.commit_embeddings(DATASET, model, [], [record], "run-test")
+
+
+def test_controls_are_what_the_lake_recorded_not_what_the_catalog_says(tmp_path):
+    """The catalog says VR is a random-init control; the lake recorded it as pretrained when it
+    was embedded (the catalog has changed since): the report goes by the lake."""
+    lake = Lake(make_lake(tmp_path / "lake", studies=("layerwise",)))
+    _record_init(lake, {V: "pretrained", VR: "pretrained", T: "pretrained", TR: "random"})
+    data = load(lake.uri)
+    assert [data.is_control(m) for m in (V, VR, T, TR)] == [False, False, False, True]
+    assert {data.info[m].source for m in (V, VR, T, TR)} == {"lake"}
+    pairs = {(f.vision_model, f.language_model) for f in findings(lake.uri)}
+    assert pairs == {(V, T), (VR, T)}  # VR is no control here: its pair with T is reported
+    # The page's table of models says so (its rendering is tested with the whole page).
+    assert data.info[VR].provenance == "recorded in the lake when embedded"
+
+
+def test_names_from_the_lake_are_text_on_the_page(tmp_path):
+    """A model or dataset name with markup in it is escaped (the templates autoescape)."""
+    model, dataset = "<script>alert('v')</script>", "<script>d</script>"
+    rows = build_rows(True, ("layerwise",))["layerwise"]
+    for r in rows:
+        r["dataset"] = dataset
+        if r["vision_model"] == V:
+            r["vision_model"] = model
+    Lake(str(tmp_path / "lake")).write_results(
+        alignment_table(rows), {"study": "layerwise"}, "h", "run-test"
+    )
+    html = write_report(str(tmp_path / "lake"), tmp_path / "out").read_text()
+    assert "<script" not in html.lower()
+    assert html_escape(model) in html and html_escape(dataset) in html
+    assert f"<td>{html_escape(model)}</td>" in html  # the models table names it, as text
 
 
 def test_nan_scores_are_left_out(tmp_path):
@@ -620,7 +680,7 @@ def test_heatmaps_of_a_metric_share_one_colour_scale(own_data_report):
     clims = [fig.axes[0].images[0].get_clim() for fig in figures]
     assert clims[0] == clims[1] == pytest.approx((0.0, peak))
     # Every figure says so, with the numbers.
-    note = f"one colour scale for every pair&#x27;s cka heatmap: 0.00 to {fmt(peak)}"
+    note = f"one colour scale for every pair&#39;s cka heatmap: 0.00 to {fmt(peak)}"
     assert html.count(note) == 4
     # Axes: manifest layer names with relative depth; "layer i" where the manifest has none.
     ax = figures[0].axes[0]

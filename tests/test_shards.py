@@ -197,7 +197,8 @@ def test_the_layerwise_study_scores_the_same_sharded_and_in_one_task(ray_session
     from vlray.bench.synthetic import write_planted_lake
     from vlray.catalog import ModelSpec
     from vlray.lake import Lake
-    from vlray.studies import AlignOptions, StudyInputs
+    from vlray.options import AlignOptions
+    from vlray.studies.inputs import StudyInputs
 
     planted = write_planted_lake(
         str(tmp_path / "lake"), n=60, layers=(4, 3), widths=(12, 10), captions=2
@@ -248,7 +249,7 @@ def test_the_config_takes_the_budget_as_a_size():
         "models": ["tiny_vit_random", "tiny_gpt2_random"],
     }
     config = validate_config({**base, "align": {"memory_per_task": "512MiB"}}, "config c.yaml")
-    assert config.align.options().memory_per_task == 512 << 20
-    assert config.align.options().shard is True
+    assert config.align.memory_per_task == 512 << 20
+    assert config.align.shard is True
     with pytest.raises(ConfigError, match="field 'align.memory_per_task'"):
         validate_config({**base, "align": {"memory_per_task": "lots"}}, "config c.yaml")

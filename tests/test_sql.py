@@ -16,9 +16,8 @@ from vlray.lake import Lake
 from vlray.sql import SQL_DIR, QueryError, connect, named_query, run_query
 
 
-def test_views_exist_on_an_empty_lake(tmp_path):
-    (tmp_path / "lake").mkdir()
-    con = connect(str(tmp_path / "lake"))
+def test_views_exist_on_an_empty_lake(empty_lake):
+    con = connect(empty_lake)
     for view in ("items", "embeddings", "quarantine", "manifest"):
         assert run_query(con, f"SELECT count(*) AS n FROM {view}").to_pylist() == [{"n": 0}]
 
@@ -95,10 +94,9 @@ def test_nearest_neighbours_are_sorted(small_lake):
         "SELECT 1; DROP VIEW items",
     ],
 )
-def test_read_only_refuses_writes(small_lake, statement):
-    lake, _ = small_lake
+def test_read_only_refuses_writes(empty_lake, statement):
     with pytest.raises(QueryError, match="read-only"):
-        run_query(connect(lake), statement)
+        run_query(connect(empty_lake), statement)
 
 
 def test_cli_formats(small_lake, capsys):
@@ -222,9 +220,9 @@ def full_lake(small_lake, tmp_path_factory):
     blank captions and a missing image), so that every named query has rows to return."""
     from vlray.align import align_pair
     from vlray.catalog import get_spec
+    from vlray.options import AlignOptions, ExemplarOptions, PerturbationOptions
     from vlray.sources.manifest import load_manifest
-    from vlray.studies import STUDY_NAMES, AlignOptions
-    from vlray.studies.options import ExemplarOptions, PerturbationOptions
+    from vlray.studies import STUDY_NAMES
 
     lake, _ = small_lake
     tmp = tmp_path_factory.mktemp("full")

@@ -16,10 +16,12 @@ from tests.planted import CONCEPTS, SCENES, plant_lake
 from vlray import metrics
 from vlray.align import align_pair
 from vlray.catalog import get_spec
+from vlray.options import AlignOptions, ExemplarOptions
+from vlray.results import CONDITION_COLUMNS, METRIC_COLUMNS, Condition, Metric
 from vlray.sql import connect, run_query
-from vlray.studies import STUDIES, STUDY_NAMES, AlignOptions, StudyInputs, StudySkipped
+from vlray.studies import STUDIES, STUDY_NAMES
 from vlray.studies.concept_retrieval import chance
-from vlray.studies.options import ExemplarOptions
+from vlray.studies.inputs import StudyInputs, StudySkipped
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,6 +32,22 @@ OPTIONS = AlignOptions(
     permutations=50,
     exemplar=ExemplarOptions(draws=8),
 )
+# The parts of its condition each study fills (README, "The results table"); the rest are null.
+CONDITION_PARTS = {
+    "layerwise": set(),
+    "perturbation": {"perturbation", "perturbation_family"},
+    "forced_choice": {"direction"},
+    "exemplar": {"k", "averaged_side"},
+    "concept_retrieval": {"retrieval", "breakdown", "bin"},
+}
+# Likewise the parts of its metric: the others write plain metrics, every part null.
+METRIC_PARTS = {
+    "layerwise": set(),
+    "perturbation": {"drop_of"},
+    "forced_choice": set(),
+    "exemplar": set(),
+    "concept_retrieval": {"top_k"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +63,33 @@ def _run(lake: str, vision: str, study: str) -> list[dict]:
     from vlray.lake import Lake
 
     inputs = StudyInputs(Lake(lake), "planted", get_spec(vision), get_spec(LANGUAGE), OPTIONS)
-    return STUDIES[study](inputs, "test")
+    rows = STUDIES[study].run(inputs, "test")
+    assert_condition_columns(study, rows)
+    assert_metric_columns(study, rows)
+    return rows
+
+
+def assert_condition_columns(study: str, rows: list[dict]) -> None:
+    """Each row's typed condition columns make its label again (``Condition.label``, the one
+    place a label is made), and the study fills its own parts and no other."""
+    filled = set()
+    for r in rows:
+        parts = {c: r[c] for c in CONDITION_COLUMNS}
+        assert Condition(**parts).label == r["condition"], r
+        filled |= {c for c, value in parts.items() if value is not None}
+    assert filled == CONDITION_PARTS[study], study
+
+
+def assert_metric_columns(study: str, rows: list[dict]) -> None:
+    """Each row with metric parts makes its label again from them (``Metric.label``, the one
+    place such a label is made); a plain metric has none. The study fills its own parts only."""
+    filled = set()
+    for r in rows:
+        parts = {c: r[c] for c in METRIC_COLUMNS}
+        if any(value is not None for value in parts.values()):
+            assert Metric(**parts).label == r["metric"], r
+        filled |= {c for c, value in parts.items() if value is not None}
+    assert filled == METRIC_PARTS[study], study
 
 
 def _at(rows, **where):
@@ -69,7 +113,8 @@ def test_layerwise_finds_the_signal_layer(planted):
 
 def test_perturbation_semantic_drops_appearance_does_not(planted):
     rows = _run(planted, VISION, "perturbation")
-    drops = {r["condition"]: r for r in rows if r["metric"] == "unbiased_cka_drop"}
+    drops = {r["condition"]: r for r in rows if r["drop_of"] == "unbiased_cka"}
+    assert {r["metric"] for r in drops.values()} == {"unbiased_cka_drop"}
     assert set(drops) >= {
         "image_semantic/replace",
         "image_appearance/jitter",
@@ -128,6 +173,7 @@ def test_concept_retrieval_counts_aliases_and_reports_chance(planted):
     words = len(CONCEPTS) * 2 + 20  # concepts, their aliases, distractors
     p1 = _at(rows, metric="p@1", condition="nn")
     p10 = _at(rows, metric="p@10", condition="nn")
+    assert (p1["top_k"], p10["top_k"]) == (1, 10)
     assert p1["null_mean"] == pytest.approx(chance(words, 2, 1)) == pytest.approx(2 / words)
     assert p10["value"] >= 3 * p10["null_mean"] and p10["p_value"] < 0.05
     assert p1["value"] >= 0.5 and p1["n"] == len(CONCEPTS)
@@ -157,7 +203,7 @@ def test_study_without_inputs_is_skipped_with_a_reason(planted, tmp_path):
     lake.remove_table_for("planted", "trials")
     try:
         with pytest.raises(StudySkipped, match="no forced-choice trials"):
-            STUDIES["forced_choice"](inputs, "test")
+            STUDIES["forced_choice"].run(inputs, "test")
     finally:
         from tests.planted import _trials
         from vlray.items import trials_table
@@ -188,6 +234,10 @@ def test_align_pair_writes_each_study_and_sql_reads_them(planted):
         GROUP BY study ORDER BY study""",
     ).to_pylist()
     assert [c["study"] for c in counts] == sorted(STUDY_NAMES)
+    # The view has the typed condition columns, as the studies wrote them.
+    for study in STUDY_NAMES:
+        rows = run_query(connect(planted), "SELECT * FROM alignment WHERE study = $s", {"s": study})
+        assert_condition_columns(study, rows.to_pylist())
 
 
 def test_ridge_map_matches_scikit_learn():

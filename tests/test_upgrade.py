@@ -1,5 +1,7 @@
 """`vlray lake upgrade`: a lake written by vlray 0.1 (plain Parquet, `_manifest/`) becomes Delta
-tables in place, with the same rows and no re-embedding, and the upgrade can be re-run.
+tables in place, with the same rows and no re-embedding, and the upgrade can be re-run; results
+written before a score's metric and condition had typed columns get them, read from their
+labels.
 
 tests/data/lake-v0.1 is a real 0.1 lake, made by the code of commit 1672374 from the run config
 tests/data/lake-v0.1.yaml (two tiny random models of tests/data/lake-v0.1-catalog.yaml, a
@@ -20,11 +22,13 @@ shapes world of two scenes), extract then a quick align:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -36,6 +40,7 @@ import yaml
 from vlray.cli import main
 from vlray.lake import Lake, LakeError
 from vlray.lake import upgrade as upgrade_module
+from vlray.results import CONDITION_COLUMNS, METRIC_COLUMNS, Condition, Metric
 from vlray.sql import connect, run_query
 
 DATA = Path(__file__).parent / "data"
@@ -114,6 +119,17 @@ def upgrade_cli(lake: str, capsys) -> str:
     return capsys.readouterr().out
 
 
+def assert_typed_columns(rows: pa.Table) -> None:
+    """Every results row's typed condition columns make its label again, and so do its metric
+    columns where it has any (a plain metric has none)."""
+    assert rows.num_rows
+    for r in rows.to_pylist():
+        assert Condition(**{c: r[c] for c in CONDITION_COLUMNS}).label == r["condition"], r
+        parts = {c: r[c] for c in METRIC_COLUMNS}
+        if any(v is not None for v in parts.values()):
+            assert Metric(**parts).label == r["metric"], r
+
+
 def assert_upgraded(lake: Path, before: list[tuple], manifest: dict[tuple, dict]) -> None:
     """Same embeddings and manifest as the 0.1 lake, and no 0.1 file left."""
     assert new_embeddings(str(lake)) == before
@@ -172,6 +188,10 @@ def test_a_0_1_lake_is_refused_until_upgraded_then_reads_the_same(old_lake, caps
         assert rows.num_rows == table.num_rows
         assert set(rows["inputs_hash"].to_pylist()) == {inputs_hash.decode()}
         assert rows["embeddings_version"].null_count == rows.num_rows
+        assert_typed_columns(rows)
+        assert all(rows[c].null_count == rows.num_rows for c in METRIC_COLUMNS)  # plain
+    directions = new.read("alignment", {"study": "forced_choice"})["direction"]
+    assert set(directions.to_pylist()) == {"text_to_image", "image_to_text"}
     for name in ("trials", "concepts"):
         old_rows = pq.read_table(OLD_LAKE / name / "dataset=shapes" / "part-0.parquet")
         assert new.read_table_for("shapes", name).equals(old_rows.cast(new_rows_schema(name)))
@@ -255,7 +275,8 @@ def test_extract_after_the_upgrade_embeds_nothing_again(ray_session, old_lake, t
     assert [(r.model, r.skipped) for r in summary.results] == [
         (name, True) for name in config.models
     ], summary.lines()
-    assert all("up to date" in line for line in summary.lines()[:-1])
+    table = summary.lines()[1:-1]  # a row per model between the header and the total
+    assert len(table) == len(config.models) and all("up to date" in line for line in table)
     assert (lake.version(), lake.version("items")) == versions  # not one commit
 
 
@@ -320,3 +341,144 @@ def test_init_is_the_catalogs_when_the_spec_that_computed_it_is_unchanged():
         {**old, "config_hash": "legacy"}, {"shapes": "f" * 16}, {}, 3
     )
     assert (whole["init"], whole["items_fingerprint"]) == (None, "f" * 16)
+
+
+def _write_results_without(
+    lake: Lake, rows: dict[str, list[dict]], columns: tuple[str, ...]
+) -> None:
+    """Results as vlray wrote them before some of the typed columns (``columns``) existed:
+    their labels only, committed as that version did (its table schema lacked the columns)."""
+    from vlray.lake import delta
+    from vlray.lake.tables import TABLES, TableSpec
+    from vlray.results import alignment_table
+
+    spec = TABLES["alignment"]
+    schema = pa.schema([f for f in spec.schema if f.name not in columns])
+    earlier = TableSpec(spec.name, spec.path, schema, spec.partition_by)
+    for study, study_rows in rows.items():
+        table = alignment_table(study_rows).drop_columns(list(columns))
+        n = table.num_rows
+        table = table.append_column("inputs_hash", pa.array(["h"] * n, pa.string()))
+        table = table.append_column("embeddings_version", pa.nulls(n, pa.int64()))
+        delta.replace_rows(lake.storage, earlier, table, {"study": study})
+
+
+@pytest.mark.parametrize(
+    "lacking",
+    [METRIC_COLUMNS + CONDITION_COLUMNS, METRIC_COLUMNS],
+    ids=["no-typed-columns", "condition-columns-only"],
+)
+def test_results_without_the_typed_columns_get_them_from_their_labels(tmp_path, capsys, lacking):
+    """A Delta lake whose results predate the typed metric and condition columns (all of them,
+    or the metric's only: the condition's came first) is refused (its rows would read as null
+    parts) until `vlray lake upgrade` fills them from the labels, once; it then reads and
+    reports exactly as the same results written with the columns."""
+    from tests.test_report import build_rows
+    from vlray.report.data import load
+    from vlray.results import alignment_table
+
+    rows = build_rows(True)
+    current = Lake(str(tmp_path / "current"))
+    for study, study_rows in rows.items():
+        current.write_results(alignment_table(study_rows), {"study": study}, "h", "run-test")
+    old = Lake(str(tmp_path / "old"))
+    _write_results_without(old, rows, lacking)
+    before = old.version("alignment")
+    time.sleep(0.01)
+    written = dt.datetime.now(dt.UTC)  # a snapshot with the labels only
+    missing = re.escape(", ".join(lacking))
+    with pytest.raises(
+        LakeError, match=rf"metric and condition as columns \({missing}\); .*upgrade"
+    ):
+        connect(old.uri)
+
+    out = upgrade_cli(old.uri, capsys)
+    n = sum(map(len, rows.values()))
+    columns = ", ".join(METRIC_COLUMNS + CONDITION_COLUMNS)
+    assert f"alignment    {n} score rows: columns {columns} filled" in out
+    assert "label in no study's format" not in out
+    assert out.rstrip().splitlines()[-1] == f"upgrade: done; {old.uri} is in the current layout"
+    assert old.version("alignment") == before + 1  # one transaction
+
+    query = "SELECT * EXCLUDE (run_id, created_at) FROM alignment ORDER BY ALL"
+    upgraded = run_query(connect(old.uri), query)
+    assert upgraded.equals(run_query(connect(current.uri), query))
+    assert_typed_columns(upgraded)
+    assert load(old.uri).rows == load(current.uri).rows
+    # The snapshot from before the upgrade is refused too, saying what to read instead.
+    with pytest.raises(LakeError, match="a snapshot from after the upgrade"):
+        Lake(old.uri, as_of=written).check()
+    assert "nothing to upgrade" in upgrade_cli(old.uri, capsys)
+
+
+def test_only_labels_in_a_studys_format_are_read_into_columns():
+    from tests.test_report import build_rows
+
+    for study, rows in build_rows(True).items():
+        for r in rows:
+            parts = Condition(**{c: r[c] for c in CONDITION_COLUMNS})
+            assert upgrade_module.legacy_condition(study, r["condition"]) == parts
+    assert upgrade_module.legacy_condition("exemplar", "k=4") == Condition(k=4)
+    for study, label in [
+        ("exemplar", "k=four/image"),
+        ("exemplar", "4/image"),
+        ("concept_retrieval", "nn/frequency"),
+        ("layerwise", "mean_pooled"),
+        ("perturbation", None),
+    ]:
+        assert upgrade_module.legacy_condition(study, label) is None, label
+    table = pa.table(
+        {
+            "study": ["exemplar", "exemplar"],
+            "metric": ["cka", "cka"],
+            "condition": ["k=2/text", "k=x"],
+        },
+    )
+    filled, unknown = upgrade_module._with_typed_columns(table)
+    assert unknown == {"metric": 0, "condition": 1}
+    assert filled.column_names == [
+        "study",
+        "metric",
+        "condition",
+        *METRIC_COLUMNS,
+        *CONDITION_COLUMNS,
+    ]
+    assert filled["k"].to_pylist() == [2, None]
+    assert filled["averaged_side"].to_pylist() == ["text", None]
+    assert filled["top_k"].null_count == filled["drop_of"].null_count == 2  # plain metrics
+
+
+def test_only_metric_labels_in_a_studys_format_are_read_into_columns():
+    from tests.test_report import build_rows
+
+    for study, rows in build_rows(True).items():
+        for r in rows:
+            parts = {c: r[c] for c in METRIC_COLUMNS}
+            plain = all(v is None for v in parts.values())
+            expected = r["metric"] if plain else Metric(**parts)
+            assert upgrade_module.legacy_metric(study, r["metric"]) == expected
+    assert upgrade_module.legacy_metric("concept_retrieval", "p@5") == Metric(top_k=5)
+    assert upgrade_module.legacy_metric("perturbation", "rsa_drop") == Metric(drop_of="rsa")
+    assert upgrade_module.legacy_metric("perturbation", "rsa") == "rsa"  # the grid's own
+    # Only the perturbation study wrote drops: elsewhere the suffix is part of a plain name.
+    assert upgrade_module.legacy_metric("layerwise", "cka_drop") == "cka_drop"
+    for study, label in [
+        ("concept_retrieval", "p@ten"),
+        ("concept_retrieval", "p@05"),
+        ("concept_retrieval", "cka"),
+        ("perturbation", "_drop"),
+        ("layerwise", None),
+    ]:
+        assert upgrade_module.legacy_metric(study, label) is None, label
+    table = pa.table(
+        {
+            "study": ["concept_retrieval", "concept_retrieval", "perturbation", "perturbation"],
+            "metric": ["p@10", "p@x", "cka_drop", "cka"],
+            "condition": ["nn", "nn", "image_semantic", "none"],
+        },
+    )
+    filled, unknown = upgrade_module._with_typed_columns(table)
+    assert unknown == {"metric": 1, "condition": 0}
+    assert filled["top_k"].to_pylist() == [10, None, None, None]
+    assert filled["drop_of"].to_pylist() == [None, None, "cka", None]
+    assert filled["top_k"].type == pa.int32()

@@ -247,7 +247,7 @@ align:
 
     loaded = load_config(config)
     (again,) = run_align(
-        user_lake, ["pairs"], loaded.specs(), loaded.align.options(), only_changed=True
+        user_lake, ["pairs"], loaded.specs(), loaded.align, only_changed=True
     )
     assert all(s == {"up_to_date": True} for s in again["studies"].values()), again
 

@@ -17,9 +17,6 @@ recorded in the lake's ``study_log`` table for the report.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,18 +26,15 @@ import ray
 from vlray.catalog import ModelSpec
 from vlray.cluster import ensure_ray
 from vlray.embeddings import EmbeddingsNotFound
+from vlray.errors import UsageError
+from vlray.hashing import json_hash
 from vlray.items import NO_PERTURBATION
 from vlray.lake import Lake, new_run_id
+from vlray.options import AlignOptions
 from vlray.results import alignment_table, study_log_row, study_log_table
 from vlray.shards import PeakMemory
-from vlray.studies import (
-    SMALL_N,
-    STUDIES,
-    SUBMITS_TASKS,
-    AlignOptions,
-    StudyInputs,
-    StudySkipped,
-)
+from vlray.studies import STUDIES
+from vlray.studies.inputs import StudyInputs, StudySkipped
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +96,7 @@ def _inputs(lake: Lake, dataset: str, vision: str, language: str) -> tuple:
 def _inputs_hash(
     vision: dict, language: dict, items: str | None, study: str, options: AlignOptions
 ) -> str:
-    payload = json.dumps(
-        [vision, language, items, study, options.scoring(study)], sort_keys=True, default=str
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return json_hash([vision, language, items, study, options.scoring(study)])
 
 
 def align_pair(
@@ -158,7 +149,7 @@ def _run_study(inputs: StudyInputs, study: str, run_id: str, inputs_hash: str) -
     where = results_key(inputs.dataset, inputs.vision.name, inputs.language.name)
     try:
         with PeakMemory() as memory:
-            rows = STUDIES[study](inputs, run_id)
+            rows = STUDIES[study].run(inputs, run_id)
     except (StudySkipped, EmbeddingsNotFound) as why:
         # The dataset lacks what this study reads (trials, perturbations, captions,
         # in-context words), or has too few items for every metric: not an error.
@@ -180,7 +171,7 @@ def _run_study(inputs: StudyInputs, study: str, run_id: str, inputs_hash: str) -
         # a sharded study's largest task, else this process's growth while it ran
         "peak_task_bytes": inputs.peak_task_bytes or memory.peak,
         "skipped_metrics": dict(inputs.skipped_metrics),
-        "small_n": SMALL_N[study].warning(n),
+        "small_n": STUDIES[study].small_n.warning(n),
     }
 
 
@@ -233,7 +224,7 @@ def run_align(
     vision = [s for s in specs if s.modality == "vision"]
     language = [s for s in specs if s.modality == "language"]
     if not vision or not language:
-        raise ValueError("alignment needs at least one vision and one language model")
+        raise UsageError("alignment needs at least one vision and one language model")
     # What each study's latest scores, or its latest skip, were computed from.
     stored = {}
     if only_changed:
@@ -271,10 +262,10 @@ def run_align(
     gpus = options.gpus_per_task
     if gpus is None:
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    options = dataclasses.replace(options, gpus_per_task=gpus)
+    options = options.model_copy(update={"gpus_per_task": gpus})
     task = ray.remote(_align_task).options(num_cpus=options.cpus_per_task, num_gpus=gpus)
     run_id = new_run_id()
-    from_driver = SUBMITS_TASKS if options.shard else frozenset()
+    from_driver = {s for s in STUDIES if STUDIES[s].submits_tasks} if options.shard else set()
     # No lock: each study's rows are one Delta commit, retried if another run's commit to the
     # same table got in first.
     in_task = [

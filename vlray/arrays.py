@@ -25,8 +25,9 @@ import numpy as np
 from vlray.catalog import CatalogError, ModelSpec, get_spec
 from vlray.items import NO_PERTURBATION
 from vlray.lake import Lake
-from vlray.studies import AlignOptions, StudyInputs
+from vlray.options import AlignOptions
 from vlray.studies.exemplar import concept_members
+from vlray.studies.inputs import StudyInputs
 
 Layers = Sequence[int] | int | Literal["all", "last"] | None
 

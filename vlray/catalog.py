@@ -6,8 +6,6 @@ Like timm's registry, a model is one entry (``vlray/catalog.yaml`` or a user cat
 
 from __future__ import annotations
 
-import hashlib
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -15,12 +13,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vlray.errors import VlrayError
+from vlray.hashing import json_hash
+from vlray.options import field_errors
 from vlray.pooling import POOLINGS
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.yaml")
 
 
-class CatalogError(ValueError):
+class CatalogError(VlrayError, ValueError):
     """A catalog file or model name that cannot be used; the message names the field."""
 
 
@@ -59,16 +60,7 @@ class ModelSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the embeddings (revision, layers, pooling, ...)."""
-        payload = json.dumps(self.model_dump(), sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _format_validation_error(err: ValidationError, where: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        lines.append(f"{where}: field '{loc}': {e['msg']}")
-    return "\n".join(lines)
+        return json_hash(self.model_dump())
 
 
 def parse_catalog(entries: dict, where: str) -> dict[str, ModelSpec]:
@@ -82,7 +74,7 @@ def parse_catalog(entries: dict, where: str) -> dict[str, ModelSpec]:
         try:
             specs[name] = ModelSpec(name=name, **fields)
         except ValidationError as err:
-            raise CatalogError(_format_validation_error(err, f"{where}: model '{name}'")) from None
+            raise CatalogError(field_errors(err, f"{where}: model '{name}'")) from None
     return specs
 
 

@@ -8,10 +8,12 @@ import datetime as _dt
 import json
 import logging
 import os
-import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from vlray.errors import UsageError, VlrayError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "demo.yaml"
 
@@ -26,7 +28,7 @@ def _fail(message: str) -> int:
 
 def _manifest_config(args: argparse.Namespace) -> dict:
     if not args.root or not args.models:
-        raise ValueError("--manifest needs --root DIR and --models NAME,NAME")
+        raise UsageError("--manifest needs --root DIR and --models NAME,NAME")
     name = args.dataset or Path(args.manifest).stem
     return {
         "datasets": [
@@ -44,7 +46,7 @@ def _load_run_config(args: argparse.Namespace):
     from vlray.config import load_config, validate_config
 
     if args.config and args.manifest:
-        raise ValueError("give either --config or --manifest, not both")
+        raise UsageError("give either --config or --manifest, not both")
     if args.config:
         config = load_config(args.config)
         if args.models:
@@ -54,7 +56,7 @@ def _load_run_config(args: argparse.Namespace):
         return config
     if args.manifest:
         return validate_config(_manifest_config(args), "command line")
-    raise ValueError("give --config FILE, or --manifest FILE --root DIR --models NAME,NAME")
+    raise UsageError("give --config FILE, or --manifest FILE --root DIR --models NAME,NAME")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -72,7 +74,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def _lake_of(args: argparse.Namespace, config) -> str:
     lake = args.lake or config.lake
     if not lake:
-        raise ValueError("no lake: pass --lake LAKE (or set `lake:` in the config)")
+        raise UsageError("no lake: pass --lake LAKE (or set `lake:` in the config)")
     return lake
 
 
@@ -122,17 +124,15 @@ def _align_flags(args: argparse.Namespace, align: dict) -> dict:
 def _align_options(raw: dict, where: str):
     from vlray.config import check_align
 
-    return check_align(raw, where).options()
+    return check_align(raw, where)
 
 
 def _fitted(options, n: int, dataset: str):
     """``options`` with the size options of every metric not configured by hand (``k``,
     ``folds``) lowered to what ``n`` items allow, saying so."""
-    import dataclasses
-
     from vlray.metrics import fit_options, min_items
 
-    kwargs = dict(options.metric_kwargs or {})
+    kwargs = dict(options.metric_kwargs)
     for metric in options.metrics:
         if metric in kwargs:
             continue
@@ -145,7 +145,7 @@ def _fitted(options, n: int, dataset: str):
                 + f" (its defaults need {need})"
             )
             kwargs[metric] = fit
-    return dataclasses.replace(options, metric_kwargs=kwargs or None)
+    return options.model_copy(update={"metric_kwargs": kwargs})
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -163,11 +163,11 @@ def cmd_align(args: argparse.Namespace) -> int:
         return _print_align(done, started)
     # No config: every (vision, language) pair of models the lake holds, for every dataset.
     if not args.lake:
-        raise ValueError("give --lake LAKE (and optionally --config FILE)")
+        raise UsageError("give --lake LAKE (and optionally --config FILE)")
     lake = Lake(args.lake)
     held = what_the_lake_holds(lake)
     if not held:
-        raise ValueError(f"the lake {lake.uri} has no embeddings: run `vlray extract` first")
+        raise UsageError(f"the lake {lake.uri} has no embeddings: run `vlray extract` first")
     chosen = {}
     for what, names, known in (
         ("dataset", args.datasets, set(held)),
@@ -176,7 +176,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         chosen[what] = set(names.split(",")) if names else known
         unknown = sorted(chosen[what] - known)
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"--{what}s: the lake {lake.uri} has no {what} '{unknown[0]}'; it has: "
                 + ", ".join(sorted(known))
             )
@@ -213,7 +213,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     if extracted or verbose:
         print("\n".join(summary.lines()), flush=True)  # before alignment, which may take long
     datasets = [d.name for d in config.datasets]
-    done = run_align(lake, datasets, config.specs(), config.align.options(), only_changed=True)
+    done = run_align(lake, datasets, config.specs(), config.align, only_changed=True)
     nothing_new = not extracted and all(
         s.get("up_to_date") for r in done for s in r["studies"].values()
     )
@@ -239,6 +239,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from vlray import bench
+    from vlray.tables import format_table
 
     if args.what == "metrics":
         gpu = _cuda(args.device)
@@ -256,22 +257,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 inputs=inputs,
             )
         ]
-        bench.print_rows(rows)
+        print(format_table(rows))
         if args.large_n:
-            bench.print_rows(
-                [
-                    bench.bench_knn_memory(
-                        n=args.large_n, dim=args.dim or 768, layers=args.layers or 13
-                    )
-                ]
+            memory = bench.bench_knn_memory(
+                n=args.large_n, dim=args.dim or 768, layers=args.layers or 13
             )
+            print(format_table([memory]))
     elif args.what == "align":
-        from pydantic import ByteSize, TypeAdapter
+        from pydantic import ByteSize, TypeAdapter, ValidationError
 
         from vlray.bench.align import bench_align, measured_unit
         from vlray.bench.paper_scale import paper_scale
 
-        budget = args.memory_per_task
+        try:
+            budget = args.memory_per_task and TypeAdapter(ByteSize).validate_python(
+                args.memory_per_task
+            )
+        except ValidationError:
+            raise UsageError(
+                f"--memory-per-task expects a size such as 512MiB, got '{args.memory_per_task}'"
+            ) from None
         n, layers, widths = args.n or 9000, (args.layers or 14,) * 2, (args.dim or 64,) * 2
         rows = bench_align(
             n=n,
@@ -280,22 +285,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bootstrap=args.bootstrap,
             permutations=args.permutations,
             metric=args.metrics or "cka",
-            **(
-                {"memory_per_task": TypeAdapter(ByteSize).validate_python(budget)} if budget else {}
-            ),
+            **({"memory_per_task": budget} if budget else {}),
             two_node=not args.one_node,
         )
-        bench.print_rows(rows)
+        print(format_table(rows))
         if (args.metrics or "cka") == "cka":
             (b,) = [r for r in rows if r["run"].startswith("(b)")]
             evaluations = 1 + args.bootstrap + args.permutations
             unit = measured_unit(b["wall s"], n, layers, widths, evaluations, os.cpu_count() or 1)
             print(f"\nPaper scale, estimated from (b): {unit:.3g} CPU-seconds per CKA unit")
-            bench.print_rows(paper_scale(unit))
+            print(format_table(paper_scale(unit)))
     elif args.what == "lake":
         from vlray.bench.lake import run
 
-        bench.print_rows(run(args.models.split(",") if args.models else None, args.s3))
+        print(format_table(run(args.models.split(",") if args.models else None, args.s3)))
     else:
         _bench_extract(args)
     return 0
@@ -308,11 +311,11 @@ def _cuda(device: str | None) -> bool:
 
 
 def _bench_extract(args: argparse.Namespace) -> None:
-    from vlray.bench import print_rows
     from vlray.bench.extract import bench_extract
     from vlray.catalog import get_spec
-    from vlray.extract import ExtractOptions
     from vlray.models import default_device
+    from vlray.options import ExtractOptions
+    from vlray.tables import format_table
 
     device = args.device or default_device()
     gpu = _cuda(device)
@@ -325,11 +328,16 @@ def _bench_extract(args: argparse.Namespace) -> None:
         )
     )
     n = args.n or (40_000 if gpu else 256)
-    batch_sizes = (
-        [int(b) for b in args.batch_sizes.split(",")]
-        if args.batch_sizes
-        else ([256, 512, 1024] if gpu else [32])
-    )
+    try:
+        batch_sizes = (
+            [int(b) for b in args.batch_sizes.split(",")]
+            if args.batch_sizes
+            else ([256, 512, 1024] if gpu else [32])
+        )
+    except ValueError:
+        raise UsageError(
+            f"--batch-sizes expects integers such as 256,512, got '{args.batch_sizes}'"
+        ) from None
     for name in names:
         spec = get_spec(name)
         if args.tokenizer and spec.modality == "language":
@@ -338,35 +346,25 @@ def _bench_extract(args: argparse.Namespace) -> None:
             batch_size=args.batch_size or (512 if gpu else 32),
             gpus_per_actor=1.0 if gpu else 0.0,
         )
-        print_rows(bench_extract(spec, n, device, batch_sizes, options, seconds=args.seconds))
+        rows = bench_extract(spec, n, device, batch_sizes, options, seconds=args.seconds)
+        print(format_table(rows))
 
 
 # --- sql ------------------------------------------------------------------------------
 
 
-def _print_table(table, fmt: str, max_rows: int) -> None:
-    rows = table.to_pylist()
+def _print_query_result(table, fmt: str, max_rows: int) -> None:
+    """A query's Arrow table as JSON, CSV or the one table format (``vlray.tables``)."""
     if fmt == "json":
-        print(json.dumps(rows, default=str, indent=1))
+        print(json.dumps(table.to_pylist(), default=str, indent=1))
     elif fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=table.column_names)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(table.to_pylist())
     else:
-        import polars as pl
+        from vlray.tables import format_table
 
-        width = shutil.get_terminal_size((200, 40)).columns
-        with pl.Config(
-            tbl_rows=max_rows,
-            tbl_cols=-1,
-            fmt_str_lengths=120,  # quarantine reasons and paths read whole
-            float_precision=4,
-            tbl_width_chars=width,
-            fmt_table_cell_list_len=4,
-            tbl_hide_column_data_types=True,
-            tbl_hide_dataframe_shape=True,
-        ):
-            print(pl.from_arrow(table) if table.num_columns else "(no rows)")
+        print(format_table(table, max_rows=max_rows))
 
 
 def _as_of(text: str | None) -> int | _dt.datetime | None:
@@ -379,7 +377,7 @@ def _as_of(text: str | None) -> int | _dt.datetime | None:
     try:
         when = _dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"--as-of expects a version (e.g. 3) or a time (e.g. 2026-11-30T08:00), got '{text}'"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=_dt.UTC)
@@ -390,16 +388,16 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from vlray.sql import connect, named_query, run_query
 
     if bool(args.query) == bool(args.file):
-        raise ValueError("give a query, or --file NAME.sql, not both")
+        raise UsageError("give a query, or --file NAME.sql, not both")
     query = named_query(args.file) if args.file else args.query
     params = {}
     for p in args.param or []:
         key, sep, value = p.partition("=")
         if not sep:
-            raise ValueError(f"--param expects KEY=VALUE, got '{p}'")
+            raise UsageError(f"--param expects KEY=VALUE, got '{p}'")
         params[key] = value
     con = connect(Lake(args.lake, as_of=_as_of(args.as_of)))
-    _print_table(
+    _print_query_result(
         run_query(con, query, params, allow_write=args.allow_write), args.format, args.max_rows
     )
     return 0
@@ -422,20 +420,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     """The catalog, one model a line: what `--models` and `models:` accept."""
     from vlray.catalog import load_catalog
+    from vlray.tables import format_table
 
-    catalog = load_catalog(*(args.catalog or []))
-    print(f"{'name':<28} {'modality':<9} {'source':<9} {'weights':<10} {'pooling':<16} id")
-    for spec in catalog.values():
+    rows = []
+    for spec in load_catalog(*(args.catalog or [])).values():
         if args.modality and spec.modality != args.modality:
             continue
         weights = "random" if spec.init == "random" else "packaged"
         if spec.init == "pretrained" and spec.source != "packaged":
             weights = "hub"
-        pooling = ",".join(spec.pooling)
-        print(
-            f"{spec.name:<28} {spec.modality:<9} {spec.source:<9} {weights:<10} {pooling:<16} "
-            f"{spec.id}"
+        rows.append(
+            {
+                "name": spec.name,
+                "modality": spec.modality,
+                "source": spec.source,
+                "weights": weights,
+                "pooling": ",".join(spec.pooling),
+                "id": spec.id,
+            }
         )
+    print(format_table(rows))
     return 0
 
 
@@ -455,7 +459,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\n".join(summary.lines()))
     con = connect(str(lake))
     print(f"\nWhat the lake holds (vlray sql --lake {lake} --file models_overview):")
-    _print_table(run_query(con, named_query("models_overview")), "table", 20)
+    _print_query_result(run_query(con, named_query("models_overview")), "table", 20)
     print(f"\nBookkeeping (vlray sql --lake {lake} --file accounting):")
     acc = run_query(con, named_query("accounting"))
     balanced = all(acc.column("balanced").to_pylist())
@@ -474,7 +478,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.time()
     datasets = [d.name for d in config.datasets]
     status = _print_align(
-        run_align(str(lake), datasets, config.specs(), config.align.options()), started
+        run_align(str(lake), datasets, config.specs(), config.align), started
     )
     data = load(str(lake))
     index = write_report(data, out / "report")
@@ -507,14 +511,23 @@ def cmd_lake(args: argparse.Namespace) -> int:
         return 0
     lake.check(write=args.action != "history")
     if args.action == "history":
+        from vlray.tables import format_table
+
         table = lake.table("embeddings")
+        rows = []
         for entry in reversed(table.history() if table is not None else []):
             when = _dt.datetime.fromtimestamp(entry["timestamp"] / 1000, _dt.UTC)
-            print(
-                f"{entry['version']:>5}  {when:%Y-%m-%d %H:%M:%S}Z  {entry['operation']:<12}"
-                f"  run {entry.get('vlray.run_id', '-')}  {entry.get('vlray.dataset', '')}"
-                f"  {entry.get('vlray.model', '')}"
+            rows.append(
+                {
+                    "version": entry["version"],
+                    "time": f"{when:%Y-%m-%d %H:%M:%S}Z",
+                    "operation": entry["operation"],
+                    "run": entry.get("vlray.run_id", "-"),
+                    "dataset": entry.get("vlray.dataset", ""),
+                    "model": entry.get("vlray.model", ""),
+                }
             )
+        print(format_table(rows))
         return 0
     if args.action == "vacuum":
         removed = lake.vacuum(args.retain, dry_run=args.dry_run)
@@ -540,6 +553,11 @@ def cmd_lake(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlray", description=__doc__)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of vlray's own errors too (any other error always shows it)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the embedded default end to end (no network needed)")
@@ -663,17 +681,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (2 after an error of vlray's own, said in one line)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from vlray.catalog import CatalogError
-    from vlray.config import ConfigError
-    from vlray.lake import LakeError
-
     try:
         return args.func(args)
-    # QueryError is a ValueError; not importing vlray.sql here keeps DuckDB off other paths.
-    except (ConfigError, CatalogError, LakeError, ValueError) as err:
+    # Only vlray's own errors: one a person can act on, said in one line. Anything else (a
+    # ValueError from numpy or pyarrow, say) is a bug and keeps its traceback.
+    except VlrayError as err:
+        if args.debug:
+            traceback.print_exc()
         return _fail(str(err))
 
 

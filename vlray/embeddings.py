@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vlray.errors import VlrayError
 from vlray.items import NO_PERTURBATION
 from vlray.lake import Lake
 
 
-class EmbeddingsNotFound(LookupError):
+class EmbeddingsNotFound(VlrayError, LookupError):
     """The lake lacks a partition or layer a question needs; the message names it."""
 
 

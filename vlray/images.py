@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlray.errors import VlrayError
+
 # Refuse images whose header claims more pixels than this (a 7000x7000 photo is 49M).
 MAX_PIXELS: int = 50_000_000
 
@@ -37,7 +39,7 @@ _INTERPOLATIONS = {
 _WHITE = (255, 255, 255, 255)
 
 
-class ImageError(ValueError):
+class ImageError(VlrayError, ValueError):
     """An image that cannot be used; the message is one line a person understands."""
 
 

@@ -24,6 +24,13 @@ MODALITIES = (IMAGE, TEXT)
 NO_PERTURBATION = "none"
 PERTURBATION_FAMILIES = ("image_appearance", "image_semantic", "text_appearance", "text_semantic")
 
+
+def perturbation_family(name: str) -> str:
+    """The family of a perturbation: a perturbation is named ``FAMILY/NAME``
+    (``image_semantic/replace``)."""
+    return name.split("/", 1)[0]
+
+
 # Roles, in the field's words: a multi-object scene, a single-object concept exemplar, a
 # caption of an image, an in-context sentence that uses a concept word (embedded with
 # word-span pooling), and a foil: a near miss made for forced-choice trials (an image or a

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 
 from vlray.cluster import ensure_ray
 from vlray.config import RunConfig
-from vlray.extract import ExtractOptions, ModelResult, extract_model, partitions_to_compute
+from vlray.extract import ModelResult, extract_model, partitions_to_compute
 from vlray.images import local_path
 from vlray.items import EXTRA_TABLES, TOP_QUARANTINE_REASONS
 from vlray.lake import Lake, new_run_id
+from vlray.options import ExtractOptions
 from vlray.sources import load_source
 from vlray.sql import sql_command
+from vlray.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +85,22 @@ class ExtractSummary:
     reasons: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        """A line per (dataset, model), the top quarantine reasons of each dataset that has
-        any, and one closing line, for people."""
-        out = []
-        for r in self.results:
-            if r.skipped:
-                out.append(f"  {r.dataset:<12} {r.model:<28} up to date (nothing to do)")
-            else:
-                out.append(
-                    f"  {r.dataset:<12} {r.model:<28} {r.items:>7} items  {r.rows:>9} rows"
-                    f"  {r.quarantined:>4} quarantined  {r.seconds:6.1f}s"
-                )
+        """A table with a row per (dataset, model), the top quarantine reasons of each dataset
+        that has any, and one closing line, for people."""
+        rows = [
+            {
+                "dataset": r.dataset,
+                "model": r.model,
+                # This run's figures: a model already in the lake shows zeros, and says why.
+                "items": r.items,
+                "rows": r.rows,
+                "quarantined": r.quarantined,
+                "seconds": round(r.seconds, 1),
+                "note": "up to date (nothing to do)" if r.skipped else "",
+            }
+            for r in self.results
+        ]
+        out = format_table(rows).splitlines() if rows else []
         for dataset, reasons in self.reasons.items():
             out += self._reason_lines(dataset, reasons)
         done = [r for r in self.results if not r.skipped]
@@ -127,7 +134,7 @@ def run_extract(
 ) -> ExtractSummary:
     """Write every dataset's items, then embed each one with every model that lacks it."""
     lake = Lake(lake) if isinstance(lake, str) else lake
-    options = options or config.extract.options()
+    options = options or config.extract
     specs = config.specs()
     run_id = new_run_id()
     summary = ExtractSummary(run_id=run_id, lake=lake.uri)

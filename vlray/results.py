@@ -3,11 +3,110 @@
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
 
-STUDIES = ("layerwise", "perturbation", "forced_choice", "exemplar", "concept_retrieval")
+from vlray.items import NO_PERTURBATION, perturbation_family
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a score was computed under, in typed parts: the columns that follow ``condition``
+    in the results table. A study fills its own parts and leaves the others None (README, "The
+    results table"); ``label`` makes the readable ``condition`` from them, the one place where
+    it is made, so that the label and the columns cannot disagree."""
+
+    k: int | None = None  # exemplar: exemplars averaged per concept (1, 2, 4, ...)
+    averaged_side: str | None = None  # exemplar: the side averaged, image | text | both
+    direction: str | None = None  # forced_choice: text_to_image | image_to_text
+    # perturbation: ``none`` (the unperturbed grid) or FAMILY/NAME, as in the embeddings
+    # table; None on a family's pooled drop
+    perturbation: str | None = None
+    perturbation_family: str | None = None  # perturbation: FAMILY (of NAME, or pooled)
+    retrieval: str | None = None  # concept_retrieval: nn (cosine) | csls
+    breakdown: str | None = None  # concept_retrieval: dispersion | frequency | polysemy
+    bin: str | None = None  # concept_retrieval: the breakdown's third, low | mid | high
+
+    def __post_init__(self) -> None:
+        if (self.breakdown is None) != (self.bin is None):
+            raise ValueError(f"a breakdown needs its bin, and a bin its breakdown: {self}")
+        if self.perturbation is not None:
+            family = (
+                None
+                if self.perturbation == NO_PERTURBATION
+                else perturbation_family(self.perturbation)
+            )
+            if self.perturbation_family != family:
+                raise ValueError(f"perturbation_family must be {family!r}: {self}")
+
+    @property
+    def label(self) -> str:
+        """The readable ``condition``: the parts that are set, joined by '/' (``k=4/image``,
+        ``text_to_image``, ``image_semantic/replace``, ``image_semantic`` for a family's
+        pooled drop, ``nn/frequency=low``); ``none`` when no part is set (layerwise)."""
+        parts = [
+            None if self.k is None else f"k={self.k}",
+            self.averaged_side,
+            self.direction,
+            # a perturbation's name starts with its family: the family alone marks a pooled row
+            self.perturbation or self.perturbation_family,
+            self.retrieval,
+            None if self.breakdown is None else f"{self.breakdown}={self.bin}",
+        ]
+        return "/".join(p for p in parts if p) or "none"
+
+    def columns(self) -> dict[str, int | str | None]:
+        """The parts as results-table columns (``CONDITION_COLUMNS``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric made of typed parts: the columns that follow ``metric`` in the results table.
+    A plain metric (``cka``, ``accuracy``, ...) is named by its string and has no parts (its
+    columns are null); a ``Metric`` is exactly one of the kinds below, and ``label`` makes its
+    readable ``metric`` from the part, the one place where it is made."""
+
+    top_k: int | None = None  # concept_retrieval: precision among the top K words, ``p@K``
+    drop_of: str | None = None  # perturbation: the metric whose drop this is, ``METRIC_drop``
+
+    def __post_init__(self) -> None:
+        if (self.top_k is None) == (self.drop_of is None):
+            raise ValueError(f"a Metric is a P@K (top_k) or a drop (drop_of), one of them: {self}")
+
+    @property
+    def label(self) -> str:
+        """The readable ``metric``: ``p@10``, ``cka_drop``."""
+        if self.top_k is not None:
+            return f"p@{self.top_k}"
+        return f"{self.drop_of}_drop"
+
+    def columns(self) -> dict[str, int | str | None]:
+        """The parts as results-table columns (``METRIC_COLUMNS``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _typed_fields(parts: type) -> tuple[pa.Field, ...]:
+    """A parts dataclass's columns, typed from its fields (their annotations are strings here)."""
+    types = {"int | None": pa.int32(), "str | None": pa.string()}
+    return tuple(pa.field(f.name, types[f.type]) for f in fields(parts))
+
+
+CONDITION_FIELDS = _typed_fields(Condition)
+CONDITION_COLUMNS = tuple(f.name for f in CONDITION_FIELDS)
+METRIC_FIELDS = _typed_fields(Metric)
+METRIC_COLUMNS = tuple(f.name for f in METRIC_FIELDS)
+
+
+def metric_columns(metric: str | Metric) -> dict[str, int | str | None]:
+    """``metric`` and its typed parts as results-table columns: a plain metric's name with its
+    parts null, or a ``Metric``'s label with its parts."""
+    if isinstance(metric, Metric):
+        return {"metric": metric.label, **metric.columns()}
+    return {"metric": metric, **dict.fromkeys(METRIC_COLUMNS)}
+
 
 ALIGNMENT_SCHEMA = pa.schema(
     [
@@ -17,8 +116,10 @@ ALIGNMENT_SCHEMA = pa.schema(
         ("language_model", pa.string()),
         ("vision_layer", pa.int16()),
         ("language_layer", pa.int16()),
-        ("metric", pa.string()),
-        ("condition", pa.string()),
+        ("metric", pa.string()),  # a plain metric's name, or Metric.label of the parts below
+        *METRIC_FIELDS,
+        ("condition", pa.string()),  # Condition.label of the typed parts that follow
+        *CONDITION_FIELDS,
         ("value", pa.float64()),
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
@@ -43,8 +144,8 @@ def score_row(
     language_model: str,
     vision_layer: int | None,
     language_layer: int | None,
-    metric: str,
-    condition: str,
+    metric: str | Metric,
+    condition: Condition,
     value: float,
     n: int,
     run_id: str,
@@ -53,16 +154,19 @@ def score_row(
     null_mean: float | None = None,
     p_value: float | None = None,
 ) -> dict:
-    """One row of the alignment table; non-finite statistics become null.
+    """One row of the alignment table: ``metric``'s and ``condition``'s labels, each with its
+    typed parts; non-finite statistics become null.
 
     A non-finite score is refused: it would sort above every real score in SQL (NaN is the
     largest DOUBLE in DuckDB) and, written to Parquet, hide from ``isnan`` filters that trust
     the file's min/max statistics.
     """
+    metric_parts = metric_columns(metric)
     if not np.isfinite(value):
         raise ValueError(
             f"{study} on {dataset}, {vision_model} x {language_model}, layers "
-            f"({vision_layer}, {language_layer}), {metric} / {condition}: the score is {value}"
+            f"({vision_layer}, {language_layer}), {metric_parts['metric']} / {condition.label}: "
+            f"the score is {value}"
         )
     return {
         "study": study,
@@ -71,8 +175,9 @@ def score_row(
         "language_model": language_model,
         "vision_layer": vision_layer,
         "language_layer": language_layer,
-        "metric": metric,
-        "condition": condition,
+        **metric_parts,
+        "condition": condition.label,
+        **condition.columns(),
         "value": float(value),
         "ci_low": _or_none(ci_low),
         "ci_high": _or_none(ci_high),
@@ -84,7 +189,7 @@ def score_row(
     }
 
 
-def grid_rows(stats, *, metric: str, condition: str, **where) -> list[dict]:
+def grid_rows(stats, *, metric: str | Metric, condition: Condition, **where) -> list[dict]:
     """One row per (vision layer, language layer) of a ``GridStats``; ``where`` holds study,
     dataset, vision_model, language_model and run_id."""
     return [

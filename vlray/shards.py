@@ -55,8 +55,8 @@ from vlray.metrics.stats import (
     replicates,
     summarise,
 )
+from vlray.options import DEFAULT_MEMORY_PER_TASK
 
-DEFAULT_MEMORY_PER_TASK = 2 << 30
 # Shards per worker: enough that unequal shards still keep every worker busy to the end,
 # few enough that per-task overhead (a few ms, plus reading the block) stays small.
 SHARDS_PER_WORKER = 2
@@ -68,7 +68,6 @@ _COPIES_IN_FLIGHT = 2
 MAX_RETRIES = 3
 
 __all__ = [
-    "DEFAULT_MEMORY_PER_TASK",
     "ArrayLayers",
     "GridPlan",
     "LayerSource",

@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from vlray.errors import VlrayError
 from vlray.lake import TABLES, Lake
 
 SQL_DIR = Path(os.environ.get("VLRAY_SQL_DIR", Path(__file__).resolve().parents[1] / "sql"))
@@ -35,7 +36,7 @@ def sql_command(lake: str, query: str) -> str:
     return f"vlray sql --lake {shlex.quote(lake)} {quoted}"
 
 
-class QueryError(ValueError):
+class QueryError(VlrayError, ValueError):
     """A query that is refused or fails; the message says why."""
 
 

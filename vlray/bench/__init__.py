@@ -6,6 +6,5 @@
 """
 
 from vlray.bench.metrics import bench_knn_memory, bench_metrics, synthetic_layers
-from vlray.bench.table import print_rows
 
-__all__ = ["bench_knn_memory", "bench_metrics", "print_rows", "synthetic_layers"]
+__all__ = ["bench_knn_memory", "bench_metrics", "synthetic_layers"]

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from vlray.shards import DEFAULT_MEMORY_PER_TASK
+from vlray.options import DEFAULT_MEMORY_PER_TASK
 
 FIELDS = ("value", "ci_low", "ci_high", "null_mean", "p_value")
 
@@ -49,7 +49,7 @@ def _grid(uri: str, metric: str, shape: tuple[int, int]) -> dict[str, np.ndarray
 
 def _align(planted, metric: str, **options) -> tuple[float, dict]:
     from vlray.align import run_align
-    from vlray.studies import AlignOptions
+    from vlray.options import AlignOptions
 
     opts = AlignOptions(studies=("layerwise",), metrics=(metric,), **options)
     began = time.perf_counter()

@@ -208,7 +208,7 @@ def naive_images(spec: ModelSpec, device: str, batch: int = 64, seconds: float =
 
 
 def _bare_language_model(spec: ModelSpec, device: str):
-    from vlray.models import _hf_model
+    from vlray.models.weights import hf_model as _hf_model
 
     return _hf_model(spec).eval().to(device)
 
@@ -284,7 +284,6 @@ def pipeline(spec: ModelSpec, items, options, workdir: str) -> dict:
     (Ray workers, model build and load), which a long run amortises.
     """
     import json
-    from dataclasses import replace
 
     from vlray.cluster import ensure_ray
     from vlray.extract import embed_batch_size, extract_model
@@ -301,9 +300,8 @@ def pipeline(spec: ModelSpec, items, options, workdir: str) -> dict:
     sampler = GpuSampler()
     with sampler:
         t0 = time.time()
-        result = extract_model(
-            lake, "bench", spec, fingerprint, replace(options, trace_dir=str(trace)), run_id
-        )
+        traced = options.model_copy(update={"trace_dir": str(trace)})
+        result = extract_model(lake, "bench", spec, fingerprint, traced, run_id)
         t_end = time.time()
     if result.items != n:
         raise RuntimeError(f"pipeline embedded {result.items} of {n} items")
@@ -358,7 +356,8 @@ def bench_extract(
     seconds: float = 2.0,
     workdir: str | None = None,
 ) -> list[dict[str, Any]]:
-    """(a), (b) and (c) for one model, with (b)/(a) and (b)/(c); rows for ``print_rows``."""
+    """(a), (b) and (c) for one model, with (b)/(a) and (b)/(c); rows for
+    ``vlray.tables.format_table``."""
     modality = "image" if spec.modality == "vision" else "text"
     if modality == "image":
         items = workload.image_items(n)

@@ -33,8 +33,8 @@ def bench_lake(uri: str, target: str, models: list[str]) -> dict:
     from vlray.align import run_align
     from vlray.config import validate_config
     from vlray.lake import Lake
+    from vlray.options import AlignOptions
     from vlray.pipeline import run_extract
-    from vlray.studies import AlignOptions
 
     config = validate_config(
         {

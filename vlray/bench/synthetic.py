@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from vlray.catalog import ModelSpec
+from vlray.errors import UsageError
 from vlray.extract import config_hash
 from vlray.items import (
     EXTRA_TABLES,
@@ -138,12 +139,12 @@ def write_planted_lake(
         peak = (round(2 * (layers[0] - 1) / 3), round(2 * (layers[1] - 1) / 3))
     peak = _pair(peak, "peak", minimum=0)
     if n < 3:
-        raise ValueError(f"n must be at least 3 images (alignment needs 3 pairs), got {n}")
+        raise UsageError(f"n must be at least 3 images (alignment needs 3 pairs), got {n}")
     if captions < 1:
-        raise ValueError(f"captions must be at least 1, got {captions}")
+        raise UsageError(f"captions must be at least 1, got {captions}")
     for side in (0, 1):
         if peak[side] >= layers[side]:
-            raise ValueError(f"peak {peak} lies outside the layers {layers}")
+            raise UsageError(f"peak {peak} lies outside the layers {layers}")
     vision, language = planted_specs(layers, widths, peak, seed)
     planted = PlantedLake(
         uri, dataset, vision, language, n, layers, widths, peak, captions=captions, seed=seed
@@ -333,5 +334,5 @@ def _write_model(
 def _pair(value: tuple[int, int], name: str, minimum: int = 1) -> tuple[int, int]:
     pair = [int(v) for v in value]
     if len(pair) != 2 or min(pair) < minimum:
-        raise ValueError(f"{name} must be two integers of at least {minimum}, got {value}")
+        raise UsageError(f"{name} must be two integers of at least {minimum}, got {value}")
     return pair[0], pair[1]

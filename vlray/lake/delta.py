@@ -72,6 +72,15 @@ def open_table(store: Storage, spec: TableSpec, as_of: int | _dt.datetime | None
         raise LakeError(f"cannot reach the lake {store.uri}: {_one_line(err)}") from None
 
 
+def missing_columns(spec: TableSpec, table) -> list[str]:
+    """The columns of ``spec`` that a snapshot's schema lacks: a table an earlier vlray wrote
+    (read through ``spec.schema`` they would be null; ``vlray lake upgrade`` adds them)."""
+    if table is None:
+        return []
+    have = {f.name for f in table.schema().fields}
+    return [name for name in spec.schema.names if name not in have]
+
+
 def snapshot_dataset(store: Storage, spec: TableSpec, table) -> pads.Dataset:
     """A pyarrow dataset of a snapshot's files, read through pyarrow's own filesystem (the
     files' partition values and statistics prune whole files before any is opened)."""
@@ -253,6 +262,36 @@ def replace_rows(
             rows,
             mode="append" if where is None else "overwrite",
             predicate=None if where is None else predicate(where),
+            commit_properties=CommitProperties(custom_metadata=dict(metadata or {})),
+        )
+        table.update_incremental()
+        return table.version()
+
+    return _retrying(what, attempt)
+
+
+def rewrite_table(
+    store: Storage,
+    spec: TableSpec,
+    rows_of: Callable[[DeltaTable], pa.Table],
+    metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Replace every row of an existing table, and its schema by ``spec.schema``, in one
+    transaction (the upgrade that adds columns); earlier versions still read as they were.
+    ``rows_of(snapshot)`` makes the new rows from the snapshot it is handed: when a concurrent
+    commit gets in first, they are made again from the new version, so none of its rows is
+    lost."""
+    what = f"rewrite of {store.uri_of(spec.path)}"
+
+    def attempt() -> int:
+        table = DeltaTable(store.uri_of(spec.path), storage_options=store.options)
+        rows = rows_of(table).select(spec.schema.names).cast(spec.schema)
+        write_deltalake(
+            table,
+            rows,
+            mode="overwrite",
+            schema_mode="overwrite",
+            partition_by=list(spec.partition_by) or None,
             commit_properties=CommitProperties(custom_metadata=dict(metadata or {})),
         )
         table.update_incremental()

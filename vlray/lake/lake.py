@@ -113,6 +113,17 @@ class Lake:
                 f"log); convert it in place, without re-embedding: vlray lake upgrade --lake "
                 f"{self.uri}"
             )
+        # Results written before a score's metric and condition had typed columns would read
+        # as null parts, and the report would leave those rows out without a word.
+        missing = delta.missing_columns(TABLES["alignment"], self.table("alignment"))
+        if missing:
+            later = " (or read a snapshot from after the upgrade)" if self.as_of else ""
+            raise LakeError(
+                f"the alignment table of {self.uri} was written before vlray kept a score's "
+                f"metric and condition as columns ({', '.join(missing)}); add them in place, "
+                f"from the metric and condition labels, nothing recomputed: vlray lake upgrade "
+                f"--lake {self.uri}" + later
+            )
 
     # --- items and quarantine ----------------------------------------------------------------
     def items_fingerprint(self, dataset: str) -> str | None:

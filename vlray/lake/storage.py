@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from vlray.errors import VlrayError
 
-class LakeError(RuntimeError):
+
+class LakeError(VlrayError, RuntimeError):
     """A lake that cannot be read or written; the message names the lake and the cause."""
 
 

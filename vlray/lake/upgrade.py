@@ -10,6 +10,12 @@ its manifest records). Only after every commit succeeded are the old files delet
 ``_manifest/`` last of all: while it exists, vlray refuses the lake and ``upgrade`` knows it
 has work left.
 
+A lake already in Delta tables whose results were written before a score's metric and
+condition had typed columns (``top_k``, ``drop_of``, ``k``, ``direction``, ...) gets them: the
+``alignment`` table is rewritten in one transaction, each row's parts read from its ``metric``
+and ``condition`` labels (``legacy_metric`` and ``legacy_condition``, the one reader of the
+packed formats). A 0.1 lake's results get them as they are converted.
+
 Killed midway, ``upgrade`` is simply run again. Each commit carries the unit it converted in
 its commit metadata (``vlray.upgrade``), so a re-run skips what is already committed and
 converts the rest (a partly converted unit was never committed: its new files are
@@ -34,13 +40,27 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vlray.items import EXTRA_TABLES, ITEMS_SCHEMA, QUARANTINE_SCHEMA
+from vlray.items import (
+    EXTRA_TABLES,
+    ITEMS_SCHEMA,
+    NO_PERTURBATION,
+    QUARANTINE_SCHEMA,
+    perturbation_family,
+)
 from vlray.lake import delta
 from vlray.lake.fingerprints import ItemsFingerprint
 from vlray.lake.lake import Lake, code_version
 from vlray.lake.storage import LakeError, Storage, _one_line
 from vlray.lake.tables import MANIFEST_SCHEMA, TABLES, TableSpec
-from vlray.results import ALIGNMENT_SCHEMA
+from vlray.results import (
+    ALIGNMENT_SCHEMA,
+    CONDITION_COLUMNS,
+    CONDITION_FIELDS,
+    METRIC_COLUMNS,
+    METRIC_FIELDS,
+    Condition,
+    Metric,
+)
 
 # What vlray 0.1 wrote in Parquet schema metadata.
 FINGERPRINT_KEY = b"vlray.items_fingerprint"
@@ -104,7 +124,8 @@ class _Old:
 
 def upgrade(lake: Lake) -> Iterator[str]:
     """Convert ``lake`` from vlray 0.1's layout in place; yields a line per step for people.
-    A lake already in the Delta layout is left as it is (one line says so)."""
+    A lake in the Delta layout gets the results' metric and condition columns if it lacks
+    them, and is otherwise left as it is (one line says so)."""
     store = lake.storage
     store.check_reachable(write=False)
     if not store.exists():
@@ -115,10 +136,20 @@ def upgrade(lake: Lake) -> Iterator[str]:
         or any(store.exists(p) for p in OLD_LEFTOVERS)
         or any(entry.files for entry in old.values())
     ):
+        spec = TABLES["alignment"]
+        if not delta.missing_columns(spec, delta.open_table(store, spec)):
+            yield (
+                f"the lake {lake.uri} is already in the current layout (Delta tables); "
+                "nothing to upgrade"
+            )
+            return
+        store.check_reachable(write=True)
         yield (
-            f"the lake {lake.uri} is already in the current layout (Delta tables); "
-            "nothing to upgrade"
+            f"upgrading {lake.uri}: the results get a column per part of their metric and "
+            "condition (nothing is recomputed)"
         )
+        yield from _typed_columns(store)
+        yield f"upgrade: done; {lake.uri} is in the current layout"
         return
     store.check_reachable(write=True)
     _check_no_old_writer(store)
@@ -134,6 +165,7 @@ def upgrade(lake: Lake) -> Iterator[str]:
         yield _extra(store, old[name], name)
     yield from _embeddings(store, old["embeddings"], items_fps)
     yield from _results(store, old["alignment"])
+    yield from _typed_columns(store)  # results an older upgrade converted without them
 
     # Every table is committed: the old files go, and _manifest/ last of all.
     deleted = 0
@@ -503,6 +535,7 @@ def _results(store: Storage, old: _Old) -> Iterator[str]:
         return
     schema = TABLES["alignment"].schema
     unhashed = 0
+    unknown = {"metric": 0, "condition": 0}
 
     def read(values, files):
         nonlocal unhashed
@@ -511,7 +544,12 @@ def _results(store: Storage, old: _Old) -> Iterator[str]:
             path = old.full(store, f)
             inputs_hash = _metadata(store, path, INPUTS_KEY)
             unhashed += inputs_hash is None
-            table = _read(store, path).replace_schema_metadata(None).cast(ALIGNMENT_SCHEMA)
+            table, not_parsed = _with_typed_columns(
+                _read(store, path).replace_schema_metadata(None)
+            )
+            for label, n in not_parsed.items():
+                unknown[label] += n
+            table = table.select(ALIGNMENT_SCHEMA.names).cast(ALIGNMENT_SCHEMA)
             n = table.num_rows
             table = table.append_column("inputs_hash", pa.array([inputs_hash] * n, pa.string()))
             table = table.append_column("embeddings_version", pa.nulls(n, pa.int64()))
@@ -534,6 +572,132 @@ def _results(store: Storage, old: _Old) -> Iterator[str]:
     if unhashed:
         text = f"{unhashed} results file(s) had no inputs hash: `vlray refresh` recomputes them"
         yield _line("", text, False)
+    yield from _unknown_labels(unknown)
+
+
+# --- the metric's and the condition's typed columns ------------------------------------------
+# Reading the legacy formats, here only: before a score's metric and condition had typed
+# columns, the studies packed their parts into the labels (``p@10``, ``cka_drop``; ``k=4/image``,
+# ``nn/frequency=low``). The labels are now made from the columns by ``results.Metric.label``
+# and ``results.Condition.label``; nothing else parses them.
+
+DROP_SUFFIX = "_drop"  # perturbation: the drop of metric M was labelled M_drop
+TOP_K_PREFIX = "p@"  # concept_retrieval: precision at K was labelled p@K
+
+
+def legacy_metric(study: str, label: str | None) -> Metric | str | None:
+    """The typed parts of a ``metric`` label as ``study`` wrote it before the parts had
+    columns: a ``Metric``, the label itself for a plain metric (no parts), or None when the
+    label is not in that study's format (its parts stay null)."""
+    if label is None:
+        return None
+    try:
+        if study == "concept_retrieval":  # p@K, and nothing else
+            if not label.startswith(TOP_K_PREFIX):
+                return None
+            parsed = Metric(top_k=int(label.removeprefix(TOP_K_PREFIX)))
+        elif study == "perturbation" and label.endswith(DROP_SUFFIX):  # M_drop, or plain M
+            parsed = Metric(drop_of=label.removesuffix(DROP_SUFFIX) or None)
+        else:
+            return label
+    except ValueError:  # K not a number, a drop of no metric
+        return None
+    # Only a label that the parts make again exactly is taken: nothing is guessed.
+    return parsed if parsed.label == label else None
+
+
+def legacy_condition(study: str, label: str | None) -> Condition | None:
+    """The typed parts of a ``condition`` label as ``study`` wrote it before the parts had
+    columns; None when the label is not in that study's format (its parts stay null)."""
+    if label is None:
+        return None
+    try:
+        if study == "exemplar":  # k=K/SIDE
+            k, _, side = label.partition("/")
+            name, _, value = k.partition("=")
+            if name != "k":
+                return None
+            parsed = Condition(k=int(value), averaged_side=side or None)
+        elif study == "forced_choice":  # DIRECTION
+            parsed = Condition(direction=label)
+        elif study == "perturbation":  # none | FAMILY/NAME | FAMILY (a family's pooled drop)
+            if label == NO_PERTURBATION:
+                parsed = Condition(perturbation=label)
+            elif "/" in label:
+                parsed = Condition(
+                    perturbation=label, perturbation_family=perturbation_family(label)
+                )
+            else:
+                parsed = Condition(perturbation_family=label)
+        elif study == "concept_retrieval":  # METHOD or METHOD/BREAKDOWN=BIN
+            method, _, bin_of = label.partition("/")
+            breakdown, _, bin_ = bin_of.partition("=")
+            parsed = Condition(retrieval=method, breakdown=breakdown or None, bin=bin_ or None)
+        else:  # layerwise: none
+            parsed = Condition()
+    except ValueError:  # k not a number, a breakdown without its bin
+        return None
+    # Only a label that the parts make again exactly is taken: nothing is guessed.
+    return parsed if parsed.label == label else None
+
+
+def _with_typed_columns(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """``table`` (results rows with ``study``, ``metric`` and ``condition``) with the metric's
+    and the condition's typed columns filled from the labels, and, per label column, the
+    number of rows whose label is in no known format."""
+    unknown = {}
+    for column, read, fields in (
+        ("metric", legacy_metric, METRIC_FIELDS),
+        ("condition", legacy_condition, CONDITION_FIELDS),
+    ):
+        keys = list(zip(table["study"].to_pylist(), table[column].to_pylist(), strict=True))
+        parsed = {key: read(*key) for key in set(keys)}  # a few distinct labels
+        table = table.drop_columns([f.name for f in fields if f.name in table.column_names])
+        for f in fields:
+            # a plain metric (its label, a str) has no parts: null
+            values = [getattr(parsed[key], f.name, None) for key in keys]
+            table = table.append_column(f, pa.array(values, f.type))
+        unknown[column] = sum(parsed[key] is None for key in keys)
+    return table, unknown
+
+
+def _unknown_labels(unknown: dict[str, int]) -> Iterator[str]:
+    """The lines that say how many rows' labels were left unread, per label column."""
+    parts = {"metric": METRIC_COLUMNS, "condition": CONDITION_COLUMNS}
+    for column, n in unknown.items():
+        if n:
+            text = (
+                f"{n} score row(s) have a {column} label in no study's format: their "
+                f"{column} columns ({', '.join(parts[column])}) are left null"
+            )
+            yield _line("", text, False)
+
+
+def _typed_columns(store: Storage) -> Iterator[str]:
+    """Add the metric's and the condition's typed columns to an ``alignment`` table written
+    without them (or without some: an earlier vlray had the condition's only): one transaction
+    that rewrites its rows, every part read again from the labels (the whole table is read into
+    memory once)."""
+    spec = TABLES["alignment"]
+    if not delta.missing_columns(spec, delta.open_table(store, spec)):
+        return
+    counts: dict = {"rows": 0, "unknown": {}}
+
+    def rows_of(table) -> pa.Table:
+        rows, counts["unknown"] = _with_typed_columns(
+            delta.snapshot_dataset(store, spec, table).to_table()
+        )
+        counts["rows"] = rows.num_rows
+        return rows
+
+    version = delta.rewrite_table(store, spec, rows_of, _meta("alignment:typed-columns"))
+    yield _line(
+        "alignment",
+        f"{counts['rows']} score rows: columns {', '.join(METRIC_COLUMNS + CONDITION_COLUMNS)} "
+        f"filled from their metric and condition labels (table version {version})",
+        False,
+    )
+    yield from _unknown_labels(counts["unknown"])
 
 
 # --- deleting ------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlray.errors import VlrayError
+
 # Sorting for per-column quantiles is done this many columns at a time, so that clamping a
 # (100_000, 768) layer never needs more than a few hundred MB of scratch space.
 _QUANTILE_COLUMNS = 64
 
 
-class MetricInputError(ValueError):
+class MetricInputError(VlrayError, ValueError):
     """Input that a metric cannot score: the message names the input, the layer and the problem."""
 
 

@@ -4,7 +4,7 @@
 - ``vlray.report.findings``: the six headline findings (``findings(lake) -> list[Finding]``);
 - ``vlray.report.plots``: the matplotlib figures;
 - ``vlray.report.sections``: per study, the figures with their numbers and one-line readings;
-- ``vlray.report.html``: the page;
+- ``vlray.report.html``: the page, rendered from the jinja2 templates in ``templates/``;
 - ``vlray.report.build``: ``write_report(lake, out)``, what ``vlray report`` runs.
 """
 

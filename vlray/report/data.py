@@ -1,6 +1,6 @@
 """What the report reads: the named ``sql/report_*.sql`` queries over the lake's ``alignment``
-view (and its ``study_log``, ``quarantine`` and ``manifest`` views), and the catalog's word on
-each model (modality, pretrained or random-init control)."""
+view (and its ``study_log``, ``quarantine`` and ``manifest`` views), each model's init
+(pretrained, or a random-init control) among them, as the lake recorded it."""
 
 from __future__ import annotations
 
@@ -8,15 +8,11 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from vlray.errors import VlrayError
 from vlray.lake import Lake
+from vlray.studies import STUDIES
 
-STUDY_TITLES = {
-    "layerwise": "Layerwise alignment",
-    "perturbation": "Perturbations",
-    "forced_choice": "Forced choice",
-    "exemplar": "Exemplar averaging",
-    "concept_retrieval": "Concept retrieval",
-}
+STUDY_TITLES = {name: study.title for name, study in STUDIES.items()}  # the registry's
 
 # The named queries the report runs (sql/NAME.sql), by the name they are kept under here.
 QUERIES = {
@@ -33,10 +29,11 @@ QUERIES = {
     "study_log_counts": "report_study_log_counts",
     "quarantine": "report_quarantine",
     "layer_names": "report_layer_names",
+    "init": "report_model_init",
 }
 
 
-class ReportError(ValueError):
+class ReportError(VlrayError, ValueError):
     """The lake cannot be reported on (no lake, no results); the message names the lake."""
 
 
@@ -46,25 +43,42 @@ class NoResultsError(ReportError):
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """How a model's weights were initialised, and where the report learned it."""
+
     name: str
-    modality: str | None  # vision | language; None when the catalog does not know the model
-    init: str  # pretrained | random (models not in the catalog count as pretrained)
-    in_catalog: bool
+    init: str  # pretrained | random ("pretrained, random": one name recorded both ways)
+    # "lake": the manifest's record, made when the model was embedded; "catalog": no record,
+    # the catalog of today; "none": neither knows the model, taken as pretrained.
+    source: str
 
     @property
     def control(self) -> bool:
         return self.init == "random"
 
+    @property
+    def provenance(self) -> str:
+        """Where ``init`` comes from, for the report's table of models."""
+        return {
+            "lake": "recorded in the lake when embedded",
+            "catalog": "not recorded in the lake: the current catalog's",
+            "none": "not recorded, not in the catalog: taken as pretrained",
+        }[self.source]
 
-def model_info(name: str) -> ModelInfo:
-    """The catalog's entry for a model; a name it does not know is taken as pretrained."""
+
+def model_info(name: str, recorded: str | None = None) -> ModelInfo:
+    """A model's init as the lake recorded it (``recorded``, the manifest's ``init``), so that
+    a lake's report does not change with catalog.yaml. Only a model without a record (results
+    written without extracting, a 0.1 lake whose spec had changed before its upgrade) falls
+    back to the catalog, and a name it does not know either is taken as pretrained."""
+    if recorded is not None:
+        return ModelInfo(name, recorded, "lake")
     from vlray.catalog import CatalogError, get_spec
 
     try:
         spec = get_spec(name)
     except CatalogError:
-        return ModelInfo(name, None, "pretrained", False)
-    return ModelInfo(name, spec.modality, spec.init, True)
+        return ModelInfo(name, "pretrained", "none")
+    return ModelInfo(name, spec.init, "catalog")
 
 
 @dataclass
@@ -114,11 +128,22 @@ class ReportData:
         return f"layer {layer} ({self.depth(side, model, layer):.2f})"
 
     @cached_property
+    def recorded_init(self) -> dict[str, str]:
+        """model -> its init as the manifest recorded it (models without a record left out)."""
+        return {r["model"]: r["init"] for r in self["init"]}
+
+    @cached_property
     def info(self) -> dict[str, ModelInfo]:
-        return {r["model"]: model_info(r["model"]) for r in self["models"]}
+        return {
+            r["model"]: model_info(r["model"], self.recorded_init.get(r["model"]))
+            for r in self["models"]
+        }
+
+    def model(self, name: str) -> ModelInfo:
+        return self.info.get(name) or model_info(name, self.recorded_init.get(name))
 
     def is_control(self, model: str) -> bool:
-        return (self.info.get(model) or model_info(model)).control
+        return self.model(model).control
 
     def pairs(self) -> list[tuple[str, str, str]]:
         """Every (dataset, vision model, language model) with results in any study."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from vlray.lake import Lake
 from vlray.report.data import NoResultsError, ReportData, deepest_rows, fmt, fmt_ci, fmt_p, load
+from vlray.results import Metric
 
 FINDINGS = {
     "depth": "Alignment grows with vision depth",
@@ -30,6 +31,7 @@ DIRECTIONS = ("text_to_image", "image_to_text")
 ALPHA = 0.05  # a score beats its permutation null when p < ALPHA
 FC_ALPHA = 0.01  # forced choice: p below this, with the CI's low end above chance
 RETRIEVAL_FACTOR = 3.0  # concept retrieval: P@10 at least this many times chance
+RETRIEVAL = Metric(top_k=10)  # concept retrieval: the precision the finding reads
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ def controls_finding(data: ReportData, dataset: str, vision: str, language: str)
 
 def _family_drop(rows: list[dict], family: str) -> tuple[dict | None, str]:
     """The family's pooled drop row; else the mean of its perturbations' drops (no CI)."""
-    pooled = [r for r in rows if r["condition"] == family]
+    pooled = [r for r in rows if r["perturbation"] is None and r["family"] == family]
     if pooled:
         return pooled[0], ""
     parts = [r for r in rows if r["family"] == family and r["perturbation"] is not None]
@@ -276,7 +278,8 @@ def semantic_finding(data: ReportData, dataset: str, vision: str, language: str)
     holds = False if False in verdicts else (None if None in verdicts else True)
     pair = rows[0]
     text = (
-        f"{metric}_drop at vision layer {pair['vision_layer']} x language layer "
+        f"{Metric(drop_of=metric).label} at vision layer {pair['vision_layer']} x language "
+        f"layer "
         f"{pair['language_layer']}: " + "; ".join(parts)
     )
     if holds:
@@ -434,7 +437,7 @@ def exemplar_finding(data: ReportData, dataset: str, vision: str, language: str)
 def retrieval_finding(data: ReportData, dataset: str, vision: str, language: str) -> Finding:
     key = dict(dataset=dataset, vision_model=vision, language_model=language)
     rows = _of(data["retrieval"], dataset, vision, language, method="nn", breakdown="overall")
-    rows = deepest_rows([r for r in rows if r["metric"] == "p@10"])
+    rows = deepest_rows([r for r in rows if r["at_k"] == RETRIEVAL.top_k])
     if not rows:
         return Finding("concept_retrieval", None, "not run: no nn P@10 results", **key)
     r = rows[0]
@@ -444,7 +447,7 @@ def retrieval_finding(data: ReportData, dataset: str, vision: str, language: str
             "concept_retrieval",
             None,
             f"nn P@10 {fmt(r['value'])} at {where}, but no chance level recorded",
-            metric="p@10",
+            metric=RETRIEVAL.label,
             **key,
         )
     ratio = r["value"] / r["chance"]
@@ -454,7 +457,7 @@ def retrieval_finding(data: ReportData, dataset: str, vision: str, language: str
         f"{fmt(r['chance'])}: {ratio:.1f}x (needs {RETRIEVAL_FACTOR:g}x), at {where}, "
         f"n={r['n']} concepts"
     )
-    numbers = {"p@10": r["value"], "chance": r["chance"], "ratio": ratio}
+    numbers = {RETRIEVAL.label: r["value"], "chance": r["chance"], "ratio": ratio}
     tests = []
     if r.get("p_value") is not None:
         tests.append((r["p_value"] < ALPHA, f"p={fmt_p(r['p_value'])} (concepts shuffled)"))
@@ -466,7 +469,7 @@ def retrieval_finding(data: ReportData, dataset: str, vision: str, language: str
         "concept_retrieval",
         holds,
         text,
-        metric="p@10",
+        metric=RETRIEVAL.label,
         numbers=numbers,
         significant=significant,
         **key,

@@ -19,6 +19,7 @@ import numpy as np
 from vlray.items import TOP_QUARANTINE_REASONS
 from vlray.report import plots
 from vlray.report.data import STUDY_TITLES, ReportData, deepest_rows, fmt, fmt_ci, fmt_p
+from vlray.report.findings import RETRIEVAL
 from vlray.sql import sql_command
 
 BIN_ORDER = {"low": 0, "rare": 0, "mid": 1, "medium": 1, "high": 2, "frequent": 2}
@@ -608,9 +609,9 @@ def _p_label(metric: str) -> str:
     return metric.upper()
 
 
-def _k_order(metric: str) -> tuple:
-    digits = re.sub(r"\D", "", metric)
-    return (int(digits) if digits else 10**9, metric)
+def _k_order(r: dict) -> tuple:
+    """P@K rows by K (the typed ``at_k``), a row without one last."""
+    return (r["at_k"] is None, r["at_k"] or 0, r["metric"])
 
 
 def _bin_order(b: str) -> tuple:
@@ -641,10 +642,10 @@ def concept_retrieval_section(data: ReportData, out: Path) -> Section:
         label = pair_label(data, vision, language)
 
         overall = [r for r in rows if r["breakdown"] == "overall"]
-        metrics = sorted({r["metric"] for r in rows}, key=_k_order)
+        metrics = list(dict.fromkeys(r["metric"] for r in sorted(rows, key=_k_order)))
         if overall:
             methods: dict[str, list] = defaultdict(list)
-            for r in sorted(overall, key=lambda r: _k_order(r["metric"])):
+            for r in sorted(overall, key=_k_order):
                 methods[r["method"]].append(
                     (_p_label(r["metric"]), r["value"], r["ci_low"], r["ci_high"], r["chance"])
                 )
@@ -657,7 +658,7 @@ def concept_retrieval_section(data: ReportData, out: Path) -> Section:
                         if r["chance"]
                         else ""
                     )
-                    for r in sorted(overall, key=lambda r: _k_order(r["metric"]))
+                    for r in sorted(overall, key=_k_order)
                     if r["method"] == m
                 )
                 for m in sorted(methods)
@@ -680,7 +681,7 @@ def concept_retrieval_section(data: ReportData, out: Path) -> Section:
                         f"{r['value'] / r['chance']:.1f}" if r["chance"] else "-",
                         str(r["n"]),
                     ]
-                    for r in sorted(overall, key=lambda r: (r["method"], _k_order(r["metric"])))
+                    for r in sorted(overall, key=lambda r: (r["method"], *_k_order(r)))
                 ],
             )
             section.figures.append(
@@ -692,7 +693,8 @@ def concept_retrieval_section(data: ReportData, out: Path) -> Section:
             bins = sorted({r["bin"] for r in brows}, key=_bin_order)
             methods_b = sorted({r["method"] for r in brows})
             cell = {(r["bin"], r["method"], r["metric"]): r for r in brows}
-            shown = "p@10" if any(r["metric"] == "p@10" for r in brows) else metrics[0]
+            p10 = [r["metric"] for r in brows if r["at_k"] == RETRIEVAL.top_k]
+            shown = p10[0] if p10 else metrics[0]
             table = Table(
                 [breakdown]
                 + [f"{m} {_p_label(k)}" for m in methods_b for k in metrics]

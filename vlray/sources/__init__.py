@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from vlray.errors import VlrayError
 from vlray.items import EXTRA_TABLES, ITEMS_SCHEMA, QUARANTINE_SCHEMA, quarantine_table
+
+
+class SourceError(VlrayError, ValueError):
+    """A dataset that cannot be loaded at all; the message names the file (and column, row)."""
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,14 @@ def _normalise(source: str, dataset: str, out: object) -> SourceOutput:
     extras = (out[2] if len(out) == 3 else None) or {}
     for name, table in extras.items():
         if name not in EXTRA_TABLES:
-            raise ValueError(
+            raise SourceError(
                 f"{where} returned an unknown table '{name}' (known: {', '.join(EXTRA_TABLES)})"
             )
         try:
             tables[name] = table.select(EXTRA_TABLES[name].names).cast(EXTRA_TABLES[name])
         except (KeyError, ValueError, pa.ArrowException) as err:
-            raise ValueError(f"{where}: its '{name}' table does not fit the schema: {err}") from err
+            problem = f"{where}: its '{name}' table does not fit the schema: {err}"
+            raise SourceError(problem) from None
     return SourceOutput(items, quarantine, tables)
 
 
@@ -128,5 +134,5 @@ def load_source(source: str, dataset: str, params: dict) -> SourceOutput:
     """Run a source: the items of one dataset, the rows it quarantined, and its extra tables."""
     problem = check_params(source, params)
     if problem:
-        raise ValueError(f"dataset '{dataset}': {problem}")
+        raise SourceError(f"dataset '{dataset}': {problem}")
     return _normalise(source, dataset, SOURCES[source](dataset, **params))

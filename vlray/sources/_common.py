@@ -3,7 +3,6 @@ split names and a collector of item and quarantine rows."""
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import os
 import re
@@ -19,15 +18,12 @@ from vlray.images import (
     resolve_under_root,
 )
 from vlray.items import IMAGE, items_table, quarantine_row, quarantine_table
+from vlray.sources import SourceError
 
 DEFAULT_SPLIT = "train"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 _SPLIT_WORD = re.compile(r"(?<![a-z])(train|validation|val|test)")
-
-
-class SourceError(ValueError):
-    """A dataset that cannot be loaded at all; the message names the file (and column, row)."""
 
 
 def one_line(e: BaseException) -> str:
@@ -54,46 +50,41 @@ def image_value(value: object) -> bytes | str | None:
     return value  # type: ignore[return-value]
 
 
-def short_hash(text: str | bytes, n: int = 16) -> str:
-    data = text.encode() if isinstance(text, str) else text
-    return hashlib.sha256(data).hexdigest()[:n]
-
-
 def _integer(name: str, value: object, kind: str) -> int:
-    """``value`` as an int (bools refused), or a ValueError saying ``name`` must be ``kind``."""
+    """``value`` as an int (bools refused), or a SourceError saying ``name`` must be ``kind``."""
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise SourceError(f"{name} must be {kind}, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
+        raise SourceError(f"{name} must be {kind}, got {value!r}") from None
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """``value`` as an int within [low, high], or a ValueError that names the argument."""
+    """``value`` as an int within [low, high], or a SourceError that names the argument."""
     number = _integer(name, value, "an integer")
     if number < low or (high is not None and number > high):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {bound}, got {number}")
+        raise SourceError(f"{name} must be {bound}, got {number}")
     return number
 
 
 def check_limit(name: str, value: object) -> int | None:
-    """An optional positive integer parameter, or a ValueError naming it."""
+    """An optional positive integer parameter, or a SourceError naming it."""
     if value is None:
         return None
     number = _integer(name, value, "a positive integer")
     if number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {number}")
+        raise SourceError(f"{name} must be a positive integer, got {number}")
     return number
 
 
 def check_text_param(name: str, value: object, required: bool = True) -> str | None:
-    """A string parameter (a path or a column name), or a ValueError naming it."""
+    """A string parameter (a path or a column name), or a SourceError naming it."""
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        raise SourceError(f"{name} must be a non-empty string, got {value!r}")
     return value
 
 

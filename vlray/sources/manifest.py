@@ -22,6 +22,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlray.errors import VlrayError
 from vlray.images import (
     filesystem_and_path,
     local_path,
@@ -34,7 +35,7 @@ OPTIONAL_COLUMNS = ("concept", "split")
 DEFAULT_SPLIT = "train"
 
 
-class ManifestError(ValueError):
+class ManifestError(VlrayError, ValueError):
     """A manifest that cannot be used at all; the message names the file (and column)."""
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlray.hashing import content_hash
 from vlray.images import filesystem_and_path
 from vlray.items import IMAGE, TEXT, trials_table
 from vlray.sources._common import (
@@ -40,7 +41,6 @@ from vlray.sources._common import (
     files_under,
     image_value,
     one_line,
-    short_hash,
     split_of,
     text_or_none,
 )
@@ -140,7 +140,7 @@ class _Builder:
             reason = f"{name}: column 'caption' {what}"
             self.out.reject(f"{name}/caption", TEXT, "validate", reason, where)
             return None
-        item_id = f"caption-{short_hash(value)}"
+        item_id = f"caption-{content_hash(value)}"
         if item_id not in self.captions:
             self.captions.add(item_id)
             self.out.add(

@@ -10,43 +10,66 @@ exemplar            does averaging k exemplars per concept raise concept-level a
 concept_retrieval   can a Procrustes map retrieve a concept's word from its images? (Li+ 2024)
 ==================  =========================================================================
 
-A study reads what it needs through :class:`StudyInputs` (one dataset, one vision and one
-language model), returns rows of the ``alignment`` results table (``vlray.results``), and
-raises :class:`StudySkipped` when the dataset lacks its inputs (no trials, no perturbations,
-too few concepts). Adding a study is one module and one entry in ``_MODULES``.
+A study reads what it needs through :class:`vlray.studies.inputs.StudyInputs` (one dataset, one
+vision and one language model), returns rows of the ``alignment`` results table
+(``vlray.results``), and raises ``StudySkipped`` when the dataset lacks its inputs (no trials,
+no perturbations, too few concepts).
+
+Adding a study is one module here and one entry in ``STUDIES`` (plus, if it takes options, its
+options model in ``vlray.options``). ``STUDIES`` is the only list of study names: the config's
+``align.studies``, the report's sections and the results' ``study`` column all read it. The
+modules are imported on first use, so that validating a config does not load numpy, torch or
+Ray.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from . import concept_retrieval, exemplar, forced_choice, layerwise, perturbation
-from .inputs import SmallN, StudyInputs, StudySkipped
-from .options import STUDY_NAMES, AlignOptions
+if TYPE_CHECKING:
+    from .inputs import SmallN, StudyInputs
 
-_MODULES = {
-    "layerwise": layerwise,
-    "perturbation": perturbation,
-    "forced_choice": forced_choice,
-    "exemplar": exemplar,
-    "concept_retrieval": concept_retrieval,
+
+@dataclass(frozen=True)
+class Study:
+    """One study: its name (its module's, and the ``study`` column's value) and its title."""
+
+    name: str
+    title: str  # the report's heading
+
+    @property
+    def module(self) -> ModuleType:
+        return import_module(f"{__name__}.{self.name}")
+
+    def run(self, inputs: StudyInputs, run_id: str) -> list[dict]:
+        """The study's rows of the ``alignment`` table for one dataset and model pair."""
+        return self.module.run(inputs, run_id)
+
+    @property
+    def small_n(self) -> SmallN:
+        """Below this size the study's scores are written with a warning (``SMALL_N``)."""
+        return self.module.SMALL_N
+
+    @property
+    def submits_tasks(self) -> bool:
+        """Whether the study fans out its own Ray tasks (module flag ``SUBMITS_TASKS``) when
+        sharding is on: it then runs from the driver, the others inside one task per pair."""
+        return bool(getattr(self.module, "SUBMITS_TASKS", False))
+
+
+STUDIES: dict[str, Study] = {
+    s.name: s
+    for s in (
+        Study("layerwise", "Layerwise alignment"),
+        Study("perturbation", "Perturbations"),
+        Study("forced_choice", "Forced choice"),
+        Study("exemplar", "Exemplar averaging"),
+        Study("concept_retrieval", "Concept retrieval"),
+    )
 }
-STUDIES: dict[str, Callable[[StudyInputs, str], list[dict]]] = {
-    name: module.run for name, module in _MODULES.items()
-}
-# Below these sizes a study's scores are written with a warning (module attribute ``SMALL_N``).
-SMALL_N: dict[str, SmallN] = {name: module.SMALL_N for name, module in _MODULES.items()}
-# Studies that fan out their own Ray tasks (module flag ``SUBMITS_TASKS``) when sharding is on:
-# they run from the driver, the others inside one task per model pair.
-SUBMITS_TASKS = frozenset(n for n, m in _MODULES.items() if getattr(m, "SUBMITS_TASKS", False))
+STUDY_NAMES: tuple[str, ...] = tuple(STUDIES)
 
-__all__ = [
-    "SMALL_N",
-    "STUDIES",
-    "STUDY_NAMES",
-    "SUBMITS_TASKS",
-    "AlignOptions",
-    "SmallN",
-    "StudyInputs",
-    "StudySkipped",
-]
+__all__ = ["STUDIES", "STUDY_NAMES", "Study"]

@@ -9,10 +9,11 @@ orthogonal Procrustes map is fitted on the training concepts of each of ``folds`
 held-out concept is mapped into the language space and the vocabulary ranked by cosine
 (``nn``) or CSLS (``csls``). P@k: a hit is any alias of the concept among the top k.
 
-Rows: metric ``p@K``, condition ``nn`` / ``csls``, then per breakdown bin
-``nn/dispersion=low`` (thirds of the mean pairwise cosine distance among a concept's images),
-``nn/frequency=...`` (thirds of word frequency, Zipf scale; from the concepts table or the
-``wordfreq`` package) and ``nn/polysemy=...`` (thirds, when the concepts table has it).
+Rows: metric ``p@K`` (column ``top_k``), condition ``nn`` / ``csls`` (column ``retrieval``),
+then per breakdown bin (columns ``breakdown``, ``bin``) ``nn/dispersion=low`` (thirds of the
+mean pairwise cosine distance among a concept's images), ``nn/frequency=...`` (thirds of word
+frequency, Zipf scale; from the concepts table or the ``wordfreq`` package) and
+``nn/polysemy=...`` (thirds, when the concepts table has it).
 ``null_mean`` is chance: the probability that k words drawn at random include an alias. The
 p-value (headline rows) is a permutation test: images' concept labels shuffled, everything
 refitted. k values not below the vocabulary size are left out (every word would be a hit).
@@ -28,7 +29,7 @@ import pyarrow.compute as pc
 from vlray import metrics
 from vlray.items import TEXT
 from vlray.metrics.predictive import csls, kfold
-from vlray.results import score_row
+from vlray.results import Condition, Metric, score_row
 
 from .exemplar import concept_members
 from .inputs import WORD_SPAN, SmallN, StudyInputs, StudySkipped, thirds
@@ -197,8 +198,8 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                         **where,
                         vision_layer=a,
                         language_layer=b,
-                        metric=f"p@{k}",
-                        condition=method,
+                        metric=Metric(top_k=k),
+                        condition=Condition(retrieval=method),
                         value=hits.mean(),
                         n=len(concepts),
                         **stats,
@@ -213,8 +214,10 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                                     **where,
                                     vision_layer=a,
                                     language_layer=b,
-                                    metric=f"p@{k}",
-                                    condition=f"{method}/{name}={label}",
+                                    metric=Metric(top_k=k),
+                                    condition=Condition(
+                                        retrieval=method, breakdown=name, bin=label
+                                    ),
                                     value=hits[member].mean(),
                                     null_mean=chance_of[k][member].mean(),
                                     n=int(member.sum()),

@@ -6,7 +6,8 @@ captions that name the concept when there are no context sentences). k doubles f
 what every concept has; the side averaged is ``image``, ``text`` or ``both`` (the other side
 uses one random exemplar). Each point is ``draws`` random draws: value is their mean and the
 interval their percentile range (variability over which exemplars were drawn); the
-permutation null (concepts' pairing shuffled) and p-value are those of the first draw.
+permutation null (concepts' pairing shuffled) and p-value are those of the first draw. Rows:
+condition ``k=K/SIDE`` (columns ``k`` and ``averaged_side``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pyarrow.compute as pc
 
 from vlray import metrics
 from vlray.items import IMAGE, TEXT
-from vlray.results import grid_rows
+from vlray.results import Condition, grid_rows
 
 from .inputs import WORD_SPAN, SmallN, StudyInputs, StudySkipped, layer_labels
 
@@ -117,7 +118,8 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                         alpha,
                     )
                 stats = done[key]
-                rows += grid_rows(stats, metric=metric, condition=f"k={k}/{side}", **where)
+                condition = Condition(k=k, averaged_side=side)
+                rows += grid_rows(stats, metric=metric, condition=condition, **where)
         return rows
 
     # Concept-level scores: n is the number of concepts; intervals come from the draws.

@@ -5,7 +5,8 @@ Procrustes, ``forced_choice.map``) is fitted on paired training items; then, on 
 trials, a caption mapped into the vision space picks the closer of its candidate images
 (``text_to_image``), and an image mapped into the language space picks the closer of its
 candidate captions (``image_to_text``). Accuracy against the preferred choice (ties
-excluded), with a Wilson interval and a one-sided binomial test against chance.
+excluded), with a Wilson interval and a one-sided binomial test against chance; the direction
+is the row's condition (column ``direction``).
 
 Trials are cross-fitted: in each of ``folds`` folds the map is fitted without any item that a
 held-out trial uses (by ``pair_id``), so every trial is scored once and none by a map that
@@ -23,7 +24,7 @@ from scipy.stats import binomtest
 
 from vlray import metrics
 from vlray.embeddings import LayerStack
-from vlray.results import score_row
+from vlray.results import Condition, score_row
 
 from .inputs import SmallN, StudyInputs, StudySkipped
 
@@ -120,7 +121,7 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                     vision_layer=a,
                     language_layer=b,
                     metric="accuracy",
-                    condition=direction,
+                    condition=Condition(direction=direction),
                     value=k / n,
                     ci_low=ci.low,
                     ci_high=ci.high,

@@ -31,8 +31,7 @@ from vlray.embeddings import (
 from vlray.items import IMAGE, NO_PERTURBATION, TEXT
 from vlray.lake import Lake
 from vlray.metrics import MetricInputError, fit_options, min_items
-
-from .options import AlignOptions
+from vlray.options import AlignOptions
 
 WORD_SPAN = "word_span"
 

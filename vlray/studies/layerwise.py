@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from vlray import metrics, shards
 from vlray.metrics import MetricInputError
-from vlray.results import grid_rows
+from vlray.results import Condition, grid_rows
 
 from .inputs import SmallN, StudyInputs, layer_labels
 
@@ -30,7 +30,7 @@ SMALL_N = SmallN(
 
 
 def run(inputs: StudyInputs, run_id: str) -> list[dict]:
-    """One row per (metric, vision layer, language layer), condition ``none``."""
+    """One row per (metric, vision layer, language layer), condition ``none`` (no part set)."""
     options = inputs.options
     where = inputs.where("layerwise", run_id)
     scoring = {
@@ -52,7 +52,7 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                 **scoring,
                 **options.metric_kw(metric),
             )
-            return grid_rows(stats, metric=metric, condition="none", **where)
+            return grid_rows(stats, metric=metric, condition=Condition(), **where)
 
         return inputs.per_metric(options.metrics, len(v.item_ids), options.bootstrap, score)
     v, t = inputs.sources()
@@ -91,5 +91,5 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
         finally:
             inputs.tasks += grid.report.total_tasks
         inputs.peak_task_bytes = max(inputs.peak_task_bytes, report.peak_task_bytes)
-        rows += grid_rows(stats, metric=metric, condition="none", **where)
+        rows += grid_rows(stats, metric=metric, condition=Condition(), **where)
     return inputs.scored(rows)

@@ -2,11 +2,12 @@
 
 He, Trott & Khosla (2025): perturbed images are scored against their original captions, and
 original images against perturbed captions, next to the unperturbed score on the same items.
-Rows (condition ``none`` or ``FAMILY/NAME``): every layer pair's score. The drop
-(unperturbed minus perturbed, metric ``M_drop``) is taken at the layer pair where the
-unperturbed score peaks, for each perturbation and pooled per family (condition ``FAMILY``),
-with a paired bootstrap interval: both scores are recomputed on the same item resamples, so
-the interval is that of the difference, not of two independent scores.
+Rows (condition ``none`` or ``FAMILY/NAME``, column ``perturbation``): every layer pair's
+score. The drop (unperturbed minus perturbed, metric ``M_drop``, column ``drop_of`` naming
+``M``) is taken at the layer pair where the unperturbed score peaks, for each perturbation and
+pooled per family (condition ``FAMILY``: ``perturbation`` null, ``perturbation_family`` set),
+with a paired bootstrap interval: both scores are recomputed on the same item resamples, so the
+interval is that of the difference, not of two independent scores.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 
 from vlray import metrics
 from vlray.embeddings import LayerStack
-from vlray.items import NO_PERTURBATION, PERTURBATION_FAMILIES
-from vlray.results import score_row
+from vlray.items import NO_PERTURBATION, PERTURBATION_FAMILIES, perturbation_family
+from vlray.results import Condition, Metric, score_row
 
 from .inputs import SmallN, StudyInputs, StudySkipped, layer_labels, subset
 
@@ -27,6 +28,13 @@ SMALL_N = SmallN(
     "items",
     "with fewer, a drop's bootstrap interval is usually wider than the drop itself",
 )
+
+
+def _condition(name: str) -> Condition:
+    """The condition of a perturbation's rows (``none``: the unperturbed grid)."""
+    if name == NO_PERTURBATION:
+        return Condition(perturbation=name)
+    return Condition(perturbation=name, perturbation_family=perturbation_family(name))
 
 
 def _common(pairs: dict[str, tuple[LayerStack, LayerStack]]) -> dict:
@@ -78,7 +86,7 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                     vision_layer=i,
                     language_layer=j,
                     metric=metric,
-                    condition=name,
+                    condition=_condition(name),
                     value=grid[i, j],
                     n=n,
                 )
@@ -102,20 +110,25 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
             else:
                 drops[name] = np.empty(0)
             value = values[NO_PERTURBATION][i, j] - values[name][i, j]
-            rows.append(_drop_row(inputs, where, metric, name, value, drops[name], alpha, n, i, j))
+            rows.append(
+                _drop_row(where, metric, _condition(name), value, drops[name], alpha, n, i, j)
+            )
         for family in PERTURBATION_FAMILIES:
-            members = [p for p in drops if p.split("/", 1)[0] == family]
+            members = [p for p in drops if perturbation_family(p) == family]
             if not members:
                 continue
             value = np.mean([values[NO_PERTURBATION][i, j] - values[p][i, j] for p in members])
             reps = np.mean([drops[p] for p in members], axis=0) if n_boot else np.empty(0)
-            rows.append(_drop_row(inputs, where, metric, family, value, reps, alpha, n, i, j))
+            pooled = Condition(perturbation_family=family)
+            rows.append(_drop_row(where, metric, pooled, value, reps, alpha, n, i, j))
         return rows
 
     return inputs.per_metric(own.metrics or options.metrics, n, n_boot, score)
 
 
-def _drop_row(inputs, where, metric, condition, value, reps, alpha, n, i, j) -> dict:
+def _drop_row(where: dict, metric: str, condition: Condition, value, reps, alpha, n, i, j) -> dict:
+    """The ``M_drop`` row of a perturbation or a pooled family at layer pair (i, j), with the
+    paired-bootstrap interval and p-value of its replicates ``reps`` (none when empty)."""
     stats = {}
     if len(reps):
         low, high = np.quantile(reps, [alpha, 1.0 - alpha])
@@ -129,7 +142,7 @@ def _drop_row(inputs, where, metric, condition, value, reps, alpha, n, i, j) -> 
         **where,
         vision_layer=int(i),
         language_layer=int(j),
-        metric=f"{metric}_drop",
+        metric=Metric(drop_of=metric),
         condition=condition,
         value=value,
         n=n,
