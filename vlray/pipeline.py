@@ -6,7 +6,6 @@ from starving its read and write tasks and gives each model the whole cluster on
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -23,9 +22,6 @@ from vlray.options import ExtractOptions
 from vlray.sources import load_source
 from vlray.sql import sql_command
 from vlray.tables import format_table
-
-log = logging.getLogger(__name__)
-
 
 # Reasons name the file, id, row or byte count of each bad row; these parts are masked so that
 # rows refused for the same cause are counted together.

@@ -8,7 +8,6 @@ one Delta transaction.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from vlray.items import IMAGE, TEXT
 from vlray.lake import ItemsFingerprint, Lake, LakeError
 from vlray.lake.storage import _one_line
 from vlray.options import ExtractOptions
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
