@@ -11,7 +11,7 @@ from vlray.catalog import CatalogError
 from vlray.cli import main
 from vlray.config import ConfigError
 from vlray.embeddings import EmbeddingsNotFound
-from vlray.errors import UsageError, VlrayError
+from vlray.errors import UsageError, VlrayError, one_line
 from vlray.images import ImageError
 from vlray.lake import LakeError
 from vlray.metrics.inputs import MetricInputError
@@ -89,3 +89,15 @@ def test_any_other_error_keeps_its_traceback(monkeypatch):
     for argv in (["models"], ["--debug", "models"]):
         with pytest.raises(ValueError, match="could not be broadcast"):
             main(argv)
+
+
+def test_one_line_collapses_a_message_and_names_a_silent_error():
+    # The one helper behind every "cannot read X: <cause>" line of the images, sources and lake.
+    assert one_line(OSError("no such\n  file:\t'a b'")) == "no such file: 'a b'"
+    assert one_line(TimeoutError()) == "TimeoutError"
+    long = one_line(ValueError("x" * 400), limit=300)
+    assert len(long) == 300 and long.endswith("...")
+    assert one_line(ValueError("x" * 400)) == "x" * 400
+    from vlray.lake.storage import _one_line
+
+    assert _one_line(ValueError("y" * 400)) == "y" * 297 + "..."

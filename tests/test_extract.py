@@ -274,14 +274,14 @@ def test_embed_stage_turns_bad_rows_into_quarantine_records():
 
 
 def test_non_finite_embeddings_are_found_per_row():
-    from vlray.extract.quarantine import _non_finite_rows
+    from vlray.extract.quarantine import non_finite_rows
     from vlray.models import Pooled
 
     good = np.ones((3, 4), dtype=np.float32)
     bad = good.copy()
     bad[1, 2] = np.nan
     bad[2, 0] = np.inf
-    found = _non_finite_rows(
+    found = non_finite_rows(
         [Pooled(0, "mean", np.array([0, 1, 2]), good), Pooled(5, "mean", np.array([4, 7, 9]), bad)]
     )
     assert found == {

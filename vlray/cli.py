@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from vlray.errors import UsageError, VlrayError
+from vlray.studies import STUDY_NAMES
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "demo.yaml"
 
@@ -121,12 +122,6 @@ def _align_flags(args: argparse.Namespace, align: dict) -> dict:
     }
 
 
-def _align_options(raw: dict, where: str):
-    from vlray.config import check_align
-
-    return check_align(raw, where)
-
-
 def _fitted(options, n: int, dataset: str):
     """``options`` with the size options of every metric not configured by hand (``k``,
     ``folds``) lowered to what ``n`` items allow, saying so."""
@@ -151,12 +146,13 @@ def _fitted(options, n: int, dataset: str):
 def cmd_align(args: argparse.Namespace) -> int:
     from vlray.align import paired_items, run_align, what_the_lake_holds
     from vlray.catalog import get_spec, load_catalog
+    from vlray.config import check_align
     from vlray.lake import Lake
 
     started = time.time()
     if args.config:
         config = _load_run_config(args)
-        options = _align_options(_align_flags(args, config.align.model_dump()), "command line")
+        options = check_align(_align_flags(args, config.align.model_dump()), "command line")
         done = run_align(
             _lake_of(args, config), [d.name for d in config.datasets], config.specs(), options
         )
@@ -181,7 +177,7 @@ def cmd_align(args: argparse.Namespace) -> int:
                 + ", ".join(sorted(known))
             )
     catalog = load_catalog(*(args.catalog or []))
-    options = _align_options(_align_flags(args, {}), "command line")
+    options = check_align(_align_flags(args, {}), "command line")
     done = []
     for dataset, models in sorted(held.items()):
         if dataset not in chosen["dataset"]:
@@ -586,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--datasets", help="only these datasets (comma separated)")
     align.add_argument("--models", help="only these models (comma separated)")
     align.add_argument(
-        "--studies", help="comma separated, of: layerwise, perturbation, forced_choice, ..."
+        "--studies", help=f"comma separated, of: {', '.join(STUDY_NAMES)}"
     )
     align.add_argument("--metrics", help="comma separated, e.g. cka,mutual_knn (vlray.metrics)")
     align.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 100)")

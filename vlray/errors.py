@@ -18,3 +18,12 @@ class UsageError(VlrayError, ValueError):
     """The command line or its config asks for something that cannot be done (flags that do
     not go together, a value in the wrong form, a model or dataset the lake does not hold,
     models of one side only to align)."""
+
+
+def one_line(err: BaseException, limit: int | None = None) -> str:
+    """An exception's message as one line (its whitespace collapsed), or its type's name when
+    it has none; cut to ``limit`` characters, ending in "...", when given."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

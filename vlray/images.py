@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlray.errors import VlrayError
+from vlray.errors import VlrayError, one_line
 
 # Refuse images whose header claims more pixels than this (a 7000x7000 photo is 49M).
 MAX_PIXELS: int = 50_000_000
@@ -122,7 +122,7 @@ def check_image_file(path: str) -> int:
         fs, fs_path = filesystem_and_path(path)
         info = fs.get_file_info(fs_path)
     except (OSError, ValueError) as e:
-        raise ImageError(f"cannot stat {path}: {_one_line(e)}") from e
+        raise ImageError(f"cannot stat {path}: {one_line(e)}") from e
     if info.type == pafs.FileType.NotFound:
         raise ImageError(f"missing file: {path}")
     if info.type != pafs.FileType.File:
@@ -141,15 +141,10 @@ def read_image_bytes(path: str, root: str | None) -> bytes:
         with fs.open_input_stream(fs_path) as f:
             return f.read()
     except OSError as e:
-        raise ImageError(f"cannot read {resolved}: {_one_line(e)}") from e
+        raise ImageError(f"cannot read {resolved}: {one_line(e)}") from e
 
 
 # --------------------------------------------------------------------------- decoding
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -162,14 +157,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image too large (possible decompression bomb): {_one_line(e)}") from e
+        raise ImageError(f"image too large (possible decompression bomb): {one_line(e)}") from e
     except UnidentifiedImageError as e:
         raise ImageError(
             f"cannot identify image file: {len(data)} bytes starting with "
             f"{data[:8].hex()} are not in a known image format"
         ) from e
     except Exception as e:  # any plugin may choke on a hostile header
-        raise ImageError(f"cannot identify image file: {_one_line(e)}") from e
+        raise ImageError(f"cannot identify image file: {one_line(e)}") from e
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(
@@ -185,7 +180,7 @@ def _load(img: Image.Image) -> None:
     try:
         img.load()
     except Exception as e:  # decoders raise OSError, SyntaxError, struct.error...
-        reason = _one_line(e)
+        reason = one_line(e)
         kind = "truncated" if "truncat" in reason.lower() or isinstance(e, EOFError) else "corrupt"
         raise ImageError(f"{kind} {fmt}: {reason}") from e
 
@@ -239,7 +234,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         try:
             img = img.convert("RGB")
         except (ValueError, OSError) as e:
-            raise ImageError(f"unsupported image mode {img.mode}: {_one_line(e)}") from e
+            raise ImageError(f"unsupported image mode {img.mode}: {one_line(e)}") from e
     return img
 
 
@@ -352,7 +347,7 @@ def decode_jpegs(data: list[bytes], device: str) -> tuple[list, dict[int, str]]:
             try:
                 decoded.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=device))
             except RuntimeError as err:
-                failed[i] = f"corrupt JPEG: {_one_line(err)}"
+                failed[i] = f"corrupt JPEG: {one_line(err)}"
                 decoded.append(None)
     return decoded, failed
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from vlray import images
 from vlray.catalog import ModelSpec
-from vlray.extract.quarantine import _error_rows, _non_finite_rows
+from vlray.extract.quarantine import error_rows, non_finite_rows
 from vlray.extract.sink import OUTPUT_SCHEMA
 
 
@@ -145,13 +145,13 @@ class EmbedActor:
         }
         keep = np.array([i for i in range(len(ids)) if i not in refused], dtype=np.int64)
         pooled = self._embed(batch, keep, refused) if len(keep) else []
-        for row, reason in _non_finite_rows(pooled).items():
+        for row, reason in non_finite_rows(pooled).items():
             refused[row] = ("embed", reason)
         if refused:
             rows = np.array(sorted(refused), dtype=np.int64)
             pooled = [p.without(rows) for p in pooled]
         errors = pa.Table.from_pydict(
-            _error_rows(
+            error_rows(
                 ids[list(refused)],
                 perts[list(refused)],
                 sources[list(refused)],

@@ -19,7 +19,7 @@ from ray.data.expressions import col
 from vlray.catalog import ModelSpec
 from vlray.extract.decode import decode_batch, tokenize_batch
 from vlray.extract.embed import EmbedActor
-from vlray.extract.quarantine import _quarantine_rows
+from vlray.extract.quarantine import quarantine_rows
 from vlray.extract.sink import EmbeddingSink
 from vlray.items import IMAGE, TEXT
 from vlray.lake import ItemsFingerprint, Lake, LakeError
@@ -226,7 +226,7 @@ def extract_model(
         if r["quarantine"] is not None:
             refused.append(r["quarantine"])
     committing = time.time()
-    quarantine = _quarantine_rows(refused, dataset, spec.name, modality)
+    quarantine = quarantine_rows(refused, dataset, spec.name, modality)
     result.quarantined = quarantine.num_rows
     lake.merge_quarantine(dataset, spec.name, quarantine, todo, run_id)
     # One transaction for every partition of the job; a partition whose items were all

@@ -13,7 +13,7 @@ import pyarrow as pa
 from vlray.items import quarantine_row, quarantine_table
 
 
-def _error_rows(ids, perts, sources, stages, reasons) -> dict[str, list]:
+def error_rows(ids, perts, sources, stages, reasons) -> dict[str, list]:
     """Quarantine records in the output schema: no layer, no embedding, a stage and reason."""
     return {
         "item_id": list(ids),
@@ -27,7 +27,7 @@ def _error_rows(ids, perts, sources, stages, reasons) -> dict[str, list]:
     }
 
 
-def _non_finite_rows(pooled) -> dict[int, str]:
+def non_finite_rows(pooled) -> dict[int, str]:
     """Batch rows whose embedding has NaN/inf at some layer -> reason."""
     bad: dict[int, str] = {}
     for p in pooled:
@@ -39,7 +39,7 @@ def _non_finite_rows(pooled) -> dict[int, str]:
     return bad
 
 
-def _quarantine_rows(refused: list[pa.Table], dataset: str, model: str, modality: str) -> pa.Table:
+def quarantine_rows(refused: list[pa.Table], dataset: str, model: str, modality: str) -> pa.Table:
     """The write tasks' quarantine records of one model's job, as quarantine table rows."""
     rows = []
     for table in refused:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from vlray.errors import VlrayError
+from vlray.errors import VlrayError, one_line
 
 
 class LakeError(VlrayError, RuntimeError):
@@ -168,5 +168,5 @@ def _seconds(duration: str) -> float:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    # A store's error can carry a whole response: a lake error keeps its first 300 characters.
+    return one_line(err, limit=300)

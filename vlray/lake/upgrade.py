@@ -675,7 +675,7 @@ def _unknown_labels(unknown: dict[str, int]) -> Iterator[str]:
 
 def _typed_columns(store: Storage) -> Iterator[str]:
     """Add the metric's and the condition's typed columns to an ``alignment`` table written
-    without them (or without some: an earlier vlray had the condition's only): one transaction
+    without them (or without some of them): one transaction
     that rewrites its rows, every part read again from the labels (the whole table is read into
     memory once)."""
     spec = TABLES["alignment"]

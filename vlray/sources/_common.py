@@ -10,6 +10,7 @@ import re
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from vlray.errors import one_line
 from vlray.images import (
     ImageError,
     check_image_file,
@@ -24,11 +25,6 @@ DEFAULT_SPLIT = "train"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 _SPLIT_WORD = re.compile(r"(?<![a-z])(train|validation|val|test)")
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 def text_or_none(value: object) -> str | None:

@@ -14,6 +14,7 @@ import json
 
 import pyarrow as pa
 
+from vlray.errors import one_line
 from vlray.items import IMAGE, TEXT
 from vlray.sources._common import (
     Collector,
@@ -21,7 +22,6 @@ from vlray.sources._common import (
     check_folder,
     check_limit,
     check_text_param,
-    one_line,
     read_bytes,
     split_of,
 )

@@ -31,6 +31,7 @@ import os
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from vlray.errors import one_line
 from vlray.images import filesystem_and_path
 from vlray.items import IMAGE, TEXT, concepts_table
 from vlray.sources._common import (
@@ -40,7 +41,6 @@ from vlray.sources._common import (
     check_folder,
     check_limit,
     check_text_param,
-    one_line,
     read_bytes,
 )
 

@@ -22,13 +22,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlray.errors import VlrayError
+from vlray.errors import VlrayError, one_line
 from vlray.images import (
     filesystem_and_path,
     local_path,
 )
 from vlray.items import IMAGE, TEXT
-from vlray.sources._common import Collector, image_value, one_line, text_or_none
+from vlray.sources._common import Collector, image_value, text_or_none
 
 REQUIRED_COLUMNS = ("item_id", "image", "caption")
 OPTIONAL_COLUMNS = ("concept", "split")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlray.errors import one_line
 from vlray.images import filesystem_and_path
 from vlray.items import IMAGE, TEXT
 from vlray.sources._common import (
@@ -24,7 +25,6 @@ from vlray.sources._common import (
     check_text_param,
     files_under,
     image_value,
-    one_line,
     split_of,
     text_or_none,
 )

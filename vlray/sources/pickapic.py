@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlray.errors import one_line
 from vlray.hashing import content_hash
 from vlray.images import filesystem_and_path
 from vlray.items import IMAGE, TEXT, trials_table
@@ -40,7 +41,6 @@ from vlray.sources._common import (
     check_text_param,
     files_under,
     image_value,
-    one_line,
     split_of,
     text_or_none,
 )

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
+from vlray.errors import one_line
 from vlray.images import filesystem_and_path
 from vlray.items import IMAGE, TEXT
 from vlray.sources._common import (
@@ -24,7 +25,6 @@ from vlray.sources._common import (
     check_limit,
     check_text_param,
     files_under,
-    one_line,
     split_of,
 )
 
