@@ -1,5 +1,6 @@
 -- Where alignment peaks: for each model pair and metric, the best (vision layer, language layer)
--- with its score, CI and p-value, and how deep the peak sits (0 = first layer, 1 = last).
+-- with its score, CI, null mean and sd, calibrated score, z-score and p-value, and how deep the
+-- peak sits (0 = first layer, 1 = last).
 -- Ties go to the shallower pair. The report reads this query too.
 WITH grid AS (
     SELECT * FROM alignment
@@ -22,7 +23,7 @@ ranked AS (
 SELECT dataset, vision_model, language_model, metric, vision_layer, language_layer,
        round(vision_layer / greatest(last_vision_layer, 1), 2) AS vision_depth,
        round(language_layer / greatest(last_language_layer, 1), 2) AS language_depth,
-       value, ci_low, ci_high, null_mean, p_value, n
+       value, ci_low, ci_high, null_mean, null_sd, calibrated, z_score, p_value, n
 FROM ranked
 WHERE rank = 1
 ORDER BY dataset, vision_model, language_model, metric;

@@ -130,6 +130,7 @@ def _trials() -> list[dict]:
             {
                 "trial_id": f"{s}/t2i",
                 "direction": "text_to_image",
+                "kind": "lexical",
                 "query_item_id": f"{s}#c0",
                 "choice_item_ids": images,
                 "preferred": flip,
@@ -141,6 +142,7 @@ def _trials() -> list[dict]:
             {
                 "trial_id": f"{s}/i2t",
                 "direction": "image_to_text",
+                "kind": "lexical",
                 "query_item_id": s,
                 "choice_item_ids": captions,
                 "preferred": flip,

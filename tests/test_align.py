@@ -250,18 +250,22 @@ def test_all_five_studies_run_on_the_shapes_world_through_ray(small_lake):
         GROUP BY ALL""",
     ).to_pylist()
     by = {(r["study"], r["metric"], r["condition"]): r for r in rows}
-    # 4 scenes: one trial per direction each, scored at every layer pair.
+    # 4 scenes: per direction a lexical trial each, a binding trial each and a relation trial
+    # for the 3 whose layout allows one, each kind scored apart at every layer pair.
+    trials = {"lexical": 4, "binding": 4, "relation": 3}
     for direction in ("text_to_image", "image_to_text"):
-        assert by[("forced_choice", "accuracy", direction)] == {
-            "study": "forced_choice",
-            "metric": "accuracy",
-            "condition": direction,
-            "n": 9 * 7,
-            "items": 4,
-        }
+        for kind, count in trials.items():
+            assert by[("forced_choice", "accuracy", f"{direction}/{kind}")] == {
+                "study": "forced_choice",
+                "metric": "accuracy",
+                "condition": f"{direction}/{kind}",
+                "n": 9 * 7,
+                "items": count,
+            }
     conditions = {c for s, m, c in by if s == "perturbation" and m == "cka_drop"}
     assert {"image_semantic", "image_appearance", "text_semantic", "text_appearance"} <= conditions
     assert "image_semantic/remove_object" in conditions
+    assert {"text_semantic/role_swap", "text_semantic/remove_object"} <= conditions
     assert ("exemplar", "cka", "k=8/both") in by and ("exemplar", "cka", "k=16/text") not in by
     assert by[("concept_retrieval", "p@1", "nn")]["items"] == 24  # the shapes world's concepts
     assert ("concept_retrieval", "p@10", "csls/frequency=high") in by

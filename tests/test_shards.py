@@ -22,7 +22,9 @@ from vlray.metrics import MetricInputError
 
 pytestmark = pytest.mark.timeout(300)
 
-FIELDS = ("value", "ci_low", "ci_high", "null_mean", "p_value")
+FIELDS = ("value", "ci_low", "ci_high", "null_mean", "null_sd", "p_value")
+# A score's row: the GridStats fields and the null-calibrated scores made of them.
+ROW_FIELDS = (*FIELDS, "calibrated", "z_score")
 
 
 def _layers(n: int, widths: list[int], seed: int, shared: np.ndarray) -> list[np.ndarray]:
@@ -71,6 +73,7 @@ def test_sharded_grid_equals_one_task(ray_session, grid_arrays, metric):
     assert report.total_tasks == report.plan.tasks(reads=False)  # arrays: no lake reads
     _assert_same(got, want, metric)
     assert np.isfinite(got.ci_low).all() and np.isfinite(got.p_value).all()
+    assert np.isfinite(got.null_sd).all()  # 9 permutations, in several shards: one spread
 
 
 def _ctx(metric: str):
@@ -185,7 +188,7 @@ def _layerwise(uri: str) -> dict[tuple, tuple]:
 
     rows = Lake(uri).read("alignment", {"study": "layerwise"}).to_pylist()
     return {
-        (r["metric"], r["vision_layer"], r["language_layer"]): tuple(r[f] for f in FIELDS)
+        (r["metric"], r["vision_layer"], r["language_layer"]): tuple(r[f] for f in ROW_FIELDS)
         for r in rows
     }
 

@@ -22,6 +22,21 @@ def test_views_exist_on_an_empty_lake(empty_lake):
         assert run_query(con, f"SELECT count(*) AS n FROM {view}").to_pylist() == [{"n": 0}]
 
 
+def test_the_views_show_every_column_of_the_scores_and_trials(empty_lake):
+    # A view selects its columns by name: a column the table gains must be added to it too.
+    from vlray.items import TRIALS_SCHEMA
+    from vlray.results import ALIGNMENT_SCHEMA
+
+    con = connect(empty_lake)
+    alignment = run_query(con, "SELECT * FROM alignment").column_names
+    assert [c for c in alignment if c in ALIGNMENT_SCHEMA.names] == ALIGNMENT_SCHEMA.names
+    at = alignment.index("null_mean")
+    assert alignment[at : at + 4] == ["null_mean", "null_sd", "calibrated", "z_score"]
+    assert alignment[alignment.index("direction") + 1] == "trial_kind"
+    trials = run_query(con, "SELECT * FROM trials").column_names
+    assert [c for c in trials if c in TRIALS_SCHEMA.names] == TRIALS_SCHEMA.names
+
+
 def test_missing_lake_is_a_clear_error(tmp_path):
     with pytest.raises(QueryError, match="no lake at"):
         connect(str(tmp_path / "nowhere"))

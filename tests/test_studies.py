@@ -36,7 +36,7 @@ OPTIONS = AlignOptions(
 CONDITION_PARTS = {
     "layerwise": set(),
     "perturbation": {"perturbation", "perturbation_family"},
-    "forced_choice": {"direction"},
+    "forced_choice": {"direction", "trial_kind"},
     "exemplar": {"k", "averaged_side"},
     "concept_retrieval": {"retrieval", "breakdown", "bin"},
 }
@@ -145,12 +145,16 @@ def test_perturbation_semantic_drops_appearance_does_not(planted):
 def test_forced_choice_mirrors_preference_and_controls_sit_at_chance(planted):
     rows = _run(planted, VISION, "forced_choice")
     for direction in ("text_to_image", "image_to_text"):
-        best = _at(rows, condition=direction, vision_layer=1, language_layer=1)
+        best = _at(rows, condition=f"{direction}/lexical", vision_layer=1, language_layer=1)
         assert best["n"] == SCENES and best["null_mean"] == 0.5
+        # the binomial null: chance, and its spread as a rate
+        assert best["null_sd"] == pytest.approx((0.25 / SCENES) ** 0.5)
+        assert best["calibrated"] == pytest.approx(best["value"] - 0.5)
+        assert best["z_score"] == pytest.approx(best["calibrated"] / best["null_sd"])
         assert best["value"] >= 0.85 and best["p_value"] < 1e-4 and best["ci_low"] > 0.5
     control = _run(planted, CONTROL, "forced_choice")
     for direction in ("text_to_image", "image_to_text"):
-        r = _at(control, condition=direction, vision_layer=1, language_layer=1)
+        r = _at(control, condition=f"{direction}/lexical", vision_layer=1, language_layer=1)
         assert 0.2 <= r["value"] <= 0.8 and r["p_value"] > 0.01
 
 

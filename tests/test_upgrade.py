@@ -113,6 +113,43 @@ def new_rows_schema(name: str) -> pa.Schema:
     return EXTRA_TABLES[name]
 
 
+def as_new_rows(name: str, old_rows: pa.Table) -> pa.Table:
+    """Old rows of an extra table in its new schema: the columns added since (the trials'
+    ``kind``) null."""
+    schema = new_rows_schema(name)
+    n = old_rows.num_rows
+    columns = [
+        old_rows[f.name].cast(f.type) if f.name in old_rows.column_names else pa.nulls(n, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def before_trial_kinds(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Results rows (``tests.test_report.build_rows``) as a vlray before 0.4 wrote them: a
+    forced-choice row per direction, with no trial kind (the lexical rows: the one kind there
+    was), so that every label is in the format of its time."""
+    out: dict[str, list[dict]] = {}
+    for study, study_rows in rows.items():
+        out[study] = [
+            {**r, "trial_kind": None, "condition": r["direction"]} if r.get("trial_kind") else r
+            for r in study_rows
+            if r.get("trial_kind") in (None, "lexical")
+        ]
+    return out
+
+
+def assert_calibrated(rows: pa.Table) -> None:
+    """Results of an older vlray, upgraded: null_sd and z_score null (not recoverable),
+    calibrated = value - null_mean where the null mean is known."""
+    for r in rows.to_pylist():
+        assert r["null_sd"] is None and r["z_score"] is None, r
+        if r["null_mean"] is None:
+            assert r["calibrated"] is None, r
+        else:
+            assert r["calibrated"] == pytest.approx(r["value"] - r["null_mean"], abs=1e-12), r
+
+
 def upgrade_cli(lake: str, capsys) -> str:
     capsys.readouterr()
     assert main(["lake", "upgrade", "--lake", lake]) == 0
@@ -189,12 +226,14 @@ def test_a_0_1_lake_is_refused_until_upgraded_then_reads_the_same(old_lake, caps
         assert set(rows["inputs_hash"].to_pylist()) == {inputs_hash.decode()}
         assert rows["embeddings_version"].null_count == rows.num_rows
         assert_typed_columns(rows)
+        assert_calibrated(rows)
         assert all(rows[c].null_count == rows.num_rows for c in METRIC_COLUMNS)  # plain
+        assert rows["trial_kind"].null_count == rows.num_rows
     directions = new.read("alignment", {"study": "forced_choice"})["direction"]
     assert set(directions.to_pylist()) == {"text_to_image", "image_to_text"}
     for name in ("trials", "concepts"):
         old_rows = pq.read_table(OLD_LAKE / name / "dataset=shapes" / "part-0.parquet")
-        assert new.read_table_for("shapes", name).equals(old_rows.cast(new_rows_schema(name)))
+        assert new.read_table_for("shapes", name).equals(as_new_rows(name, old_rows))
 
     # A second upgrade finds nothing to do and changes nothing.
     listing = files(old_lake)
@@ -262,22 +301,33 @@ def _config(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.timeout(300)
-def test_extract_after_the_upgrade_embeds_nothing_again(ray_session, old_lake, tmp_path, capsys):
+# What the shapes world has added since the 0.1 lake was made: binding and relation foils (in
+# the unperturbed partition) and two text perturbations. Every other partition's items are
+# as they were.
+GROWN_SINCE_0_1 = {"none", "text_semantic/role_swap", "text_semantic/remove_object"}
+
+
+def test_extract_after_the_upgrade_embeds_only_what_changed(old_lake, tmp_path, capsys):
+    """The upgrade keeps every partition's fingerprint: with the items written again by
+    today's shapes world, extract would embed only the partitions whose items changed since,
+    for each model (what ``partitions_to_compute`` gives, which decides every model job)."""
     from vlray.config import load_config
-    from vlray.pipeline import run_extract
+    from vlray.extract import partitions_to_compute
+    from vlray.sources import load_source
 
     upgrade_cli(str(old_lake), capsys)
     lake = Lake(str(old_lake))
-    versions = (lake.version(), lake.version("items"))
     config = load_config(_config(tmp_path))
-    summary = run_extract(config, str(old_lake))
-    assert [(r.model, r.skipped) for r in summary.results] == [
-        (name, True) for name in config.models
-    ], summary.lines()
-    table = summary.lines()[1:-1]  # a row per model between the header and the total
-    assert len(table) == len(config.models) and all("up to date" in line for line in table)
-    assert (lake.version(), lake.version("items")) == versions  # not one commit
+    (ds,) = config.datasets
+    loaded = load_source(ds.source, ds.name, ds.params)
+    items = lake.write_items(ds.name, loaded.items, loaded.quarantine, "run-after-upgrade")
+    todo = {
+        spec.name: set(partitions_to_compute(lake, ds.name, spec, items, config.extract))
+        for spec in config.specs()
+    }
+    # the image perturbations are as they were: only the unperturbed images (new foils)
+    assert todo == {"micro_vit_random": {"none"}, "micro_gpt2_random": GROWN_SINCE_0_1}
+    assert len(lake.committed(ds.name, "micro_vit_random")) == 7  # six kept, one to redo
 
 
 def test_an_s3_lake_is_upgraded_in_place(s3_endpoint, capsys):
@@ -377,7 +427,7 @@ def test_results_without_the_typed_columns_get_them_from_their_labels(tmp_path, 
     from vlray.report.data import load
     from vlray.results import alignment_table
 
-    rows = build_rows(True)
+    rows = before_trial_kinds(build_rows(True))
     current = Lake(str(tmp_path / "current"))
     for study, study_rows in rows.items():
         current.write_results(alignment_table(study_rows), {"study": study}, "h", "run-test")
@@ -388,14 +438,15 @@ def test_results_without_the_typed_columns_get_them_from_their_labels(tmp_path, 
     written = dt.datetime.now(dt.UTC)  # a snapshot with the labels only
     missing = re.escape(", ".join(lacking))
     with pytest.raises(
-        LakeError, match=rf"metric and condition as columns \({missing}\); .*upgrade"
+        LakeError, match=rf"alignment table of .* without the columns {missing}; .*upgrade"
     ):
         connect(old.uri)
 
     out = upgrade_cli(old.uri, capsys)
     n = sum(map(len, rows.values()))
-    columns = ", ".join(METRIC_COLUMNS + CONDITION_COLUMNS)
-    assert f"alignment    {n} score rows: columns {columns} filled" in out
+    labels = "metric and condition" if "k" in lacking else "metric"
+    columns = ", ".join(lacking)
+    assert f"alignment    {n} score rows: columns {columns} filled from their {labels} " in out
     assert "label in no study's format" not in out
     assert out.rstrip().splitlines()[-1] == f"upgrade: done; {old.uri} is in the current layout"
     assert old.version("alignment") == before + 1  # one transaction
@@ -414,11 +465,20 @@ def test_results_without_the_typed_columns_get_them_from_their_labels(tmp_path, 
 def test_only_labels_in_a_studys_format_are_read_into_columns():
     from tests.test_report import build_rows
 
-    for study, rows in build_rows(True).items():
+    for study, rows in before_trial_kinds(build_rows(True)).items():
         for r in rows:
             parts = Condition(**{c: r[c] for c in CONDITION_COLUMNS})
             assert upgrade_module.legacy_condition(study, r["condition"]) == parts
     assert upgrade_module.legacy_condition("exemplar", "k=4") == Condition(k=4)
+    # Forced-choice rows now name their trials' kind after the direction; labels written
+    # before had none, and are read as they always were.
+    assert Condition(direction="text_to_image", trial_kind="binding").label == (
+        "text_to_image/binding"
+    )
+    assert Condition(direction="text_to_image").label == "text_to_image"
+    assert upgrade_module.legacy_condition("forced_choice", "image_to_text") == Condition(
+        direction="image_to_text"
+    )
     for study, label in [
         ("exemplar", "k=four/image"),
         ("exemplar", "4/image"),
@@ -482,3 +542,103 @@ def test_only_metric_labels_in_a_studys_format_are_read_into_columns():
     assert filled["top_k"].to_pylist() == [10, None, None, None]
     assert filled["drop_of"].to_pylist() == [None, None, "cka", None]
     assert filled["top_k"].type == pa.int32()
+
+
+NEW_IN_0_4 = ("trial_kind", "null_sd", "calibrated", "z_score")
+SCORE_ORDER = [
+    (c, "ascending")
+    for c in ("study", "metric", "condition", "vision_model", "language_model")
+    + ("vision_layer", "language_layer")
+]
+
+
+def test_a_0_3_lake_gets_the_null_calibrated_columns_and_the_trials_kind(tmp_path, capsys):
+    """A lake of vlray 0.3: results without trial_kind, null_sd, calibrated and z_score, trials
+    without kind. It is refused until `vlray lake upgrade` adds them, one transaction per table:
+    calibrated = value - null_mean where the null mean is known, the rest null; the trials'
+    rows are kept, kind null, and new trials with a kind can then be written."""
+    from tests.test_report import build_rows
+    from vlray.items import TRIALS_SCHEMA, trials_table
+    from vlray.lake import delta
+    from vlray.lake.tables import TABLES, TableSpec
+
+    rows = before_trial_kinds(build_rows(True))
+    assert rows["forced_choice"]
+    old = Lake(str(tmp_path / "old"))
+    _write_results_without(old, rows, NEW_IN_0_4)
+    spec = TABLES["trials"]
+    earlier = TableSpec(
+        spec.name, spec.path, pa.schema([f for f in spec.schema if f.name != "kind"]), ("dataset",)
+    )
+    trial = {"trial_id": "t0", "direction": "text_to_image", "query_item_id": "q"}
+    trials = trials_table([trial]).drop_columns(["kind"])
+    trials = trials.append_column("dataset", pa.array(["shapes"], pa.string()))
+    delta.replace_rows(old.storage, earlier, trials, {"dataset": "shapes"})
+    before = {name: old.version(name) for name in ("alignment", "trials")}
+    scores_before = old.read("alignment").drop_columns(list(NEW_IN_0_4)).sort_by(SCORE_ORDER)
+
+    missing = re.escape(", ".join(NEW_IN_0_4))
+    with pytest.raises(LakeError, match=rf"without the columns {missing}; .*lake upgrade"):
+        connect(old.uri)
+
+    out = upgrade_cli(old.uri, capsys)
+    n = sum(map(len, rows.values()))
+    assert f"alignment    {n} score rows: column(s) trial_kind null" in out
+    assert f"alignment    {n} score rows: columns null_sd, calibrated, z_score added" in out
+    assert "trials       1 rows: column(s) kind added, null" in out
+    assert "filled from their" not in out  # the typed parts were there: no label is read
+    assert out.rstrip().splitlines()[-1] == f"upgrade: done; {old.uri} is in the current layout"
+    assert {name: old.version(name) for name in before} == {k: v + 1 for k, v in before.items()}
+
+    upgraded = old.read("alignment")
+    assert upgraded.num_rows == n
+    for c in ("trial_kind", "null_sd", "z_score"):
+        assert upgraded[c].null_count == n, c
+    with_null = [r for r in upgraded.to_pylist() if r["null_mean"] is not None]
+    assert with_null  # the layerwise rows have a null mean
+    assert_calibrated(upgraded)
+    # Every other column as it was.
+    assert upgraded.drop_columns(list(NEW_IN_0_4)).sort_by(SCORE_ORDER).equals(scores_before)
+    assert_typed_columns(upgraded)
+    assert connect(old.uri).execute(
+        "SELECT count(*) FROM alignment WHERE calibrated IS NOT NULL"
+    ).fetchone() == (len(with_null),)
+
+    read = old.read_table_for("shapes", "trials")
+    assert read.schema == TRIALS_SCHEMA and read["kind"].to_pylist() == [None]
+    assert read.drop_columns(["kind"]).equals(trials.drop_columns(["dataset"]))
+    new_trials = trials_table([{**trial, "trial_id": "t1", "kind": "binding"}])
+    old.write_table_for("shapes", "trials", new_trials, "run-test")
+    assert old.read_table_for("shapes", "trials")["kind"].to_pylist() == ["binding"]
+    assert "nothing to upgrade" in upgrade_cli(old.uri, capsys)
+
+
+def test_only_missing_null_columns_are_made_and_calibrated_is_value_minus_null_mean():
+    table = pa.table(
+        {
+            "value": [0.5, 0.4, 0.3],
+            "null_mean": [0.2, None, float("nan")],
+        }
+    )
+    filled = upgrade_module._with_null_columns(table)
+    assert filled.column_names == ["value", "null_mean", "null_sd", "calibrated", "z_score"]
+    assert filled["null_sd"].to_pylist() == [None] * 3
+    assert filled["calibrated"].to_pylist() == [pytest.approx(0.3), None, None]
+    assert filled["z_score"].to_pylist() == [None] * 3
+    assert upgrade_module._with_null_columns(filled) is filled
+    # A table that lacks only the later parts gets them null; no label is read.
+    typed = pa.table(
+        {
+            "study": ["forced_choice"],
+            "metric": ["accuracy"],
+            "condition": ["text_to_image"],
+            **{
+                c: pa.nulls(1, pa.int32() if c in ("top_k", "k") else pa.string())
+                for c in METRIC_COLUMNS + CONDITION_COLUMNS
+                if c != "trial_kind"
+            },
+        }
+    )
+    filled, unknown = upgrade_module._with_typed_columns(typed)
+    assert unknown == {} and filled["trial_kind"].to_pylist() == [None]
+    assert filled["direction"].to_pylist() == [None]  # kept as it was, not read from the label

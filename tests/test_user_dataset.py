@@ -246,9 +246,7 @@ align:
     from vlray.config import load_config
 
     loaded = load_config(config)
-    (again,) = run_align(
-        user_lake, ["pairs"], loaded.specs(), loaded.align, only_changed=True
-    )
+    (again,) = run_align(user_lake, ["pairs"], loaded.specs(), loaded.align, only_changed=True)
     assert all(s == {"up_to_date": True} for s in again["studies"].values()), again
 
 

@@ -1,6 +1,6 @@
 """vlray: how far vision-only and language-only networks converge, at data-lake scale."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 def open_lake(uri: str, as_of: int | str | None = None):

@@ -238,9 +238,16 @@ def run_align(
         for v in vision:
             for t in language:
                 key = results_key(ds, v.name, t.name)
-                todo = [
+                wanted = [
                     s
                     for s in options.studies
+                    if all(s in options.model_studies.get(m.name, (s,)) for m in (v, t))
+                ]
+                if not wanted:
+                    continue
+                todo = [
+                    s
+                    for s in wanted
                     if not only_changed
                     or stored.get((s, ds, v.name, t.name))
                     != _inputs_hash(
@@ -251,7 +258,7 @@ def run_align(
                         options,
                     )
                 ]
-                fresh = {s: {"up_to_date": True} for s in options.studies if s not in todo}
+                fresh = {s: {"up_to_date": True} for s in wanted if s not in todo}
                 if todo:
                     jobs.append((ds, v, t, todo, fresh))
                 else:

@@ -19,6 +19,7 @@ from vlray.options import field_errors
 from vlray.pooling import POOLINGS
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.yaml")
+METADATA_FIELDS = frozenset({"imagenet_top1"})  # describe a model, never change its embeddings
 
 
 class CatalogError(VlrayError, ValueError):
@@ -44,6 +45,8 @@ class ModelSpec(BaseModel):
     max_length: int = Field(default=128, ge=8)
     trust_remote_code: bool = False
     seed: int = 0  # random-init weights are seeded so a control is the same net every run
+    # The weights' published ImageNet top-1 accuracy (%), to order a size series; metadata only.
+    imagenet_top1: float | None = Field(default=None, gt=0, le=100)
 
     @field_validator("pooling")
     @classmethod
@@ -59,8 +62,11 @@ class ModelSpec(BaseModel):
         return self.modality == "vision"
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the embeddings (revision, layers, pooling, ...)."""
-        return json_hash(self.model_dump())
+        """Hash of everything that changes the embeddings (revision, layers, pooling, ...).
+
+        Metadata that does not (``imagenet_top1``) is left out, so adding it keeps a model's
+        fingerprint and the embeddings already extracted with it."""
+        return json_hash(self.model_dump(exclude=METADATA_FIELDS))
 
 
 def parse_catalog(entries: dict, where: str) -> dict[str, ModelSpec]:

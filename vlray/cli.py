@@ -407,8 +407,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     data = load(args.lake)  # one read of the lake serves the page and the printed findings
     index = write_report(data, args.out)
+    stated = set()  # how a finding is read is printed under its first line only
     for f in findings(data):
         print(f.line())
+        for line in [] if f.name in stated else f.details():
+            print(f"    {line}")
+        stated.add(f.name)
     print(f"report: {index}")
     return 0
 
@@ -473,17 +477,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nThe five studies (vlray align --config {config_path} --lake {lake}):")
     started = time.time()
     datasets = [d.name for d in config.datasets]
-    status = _print_align(
-        run_align(str(lake), datasets, config.specs(), config.align), started
-    )
+    status = _print_align(run_align(str(lake), datasets, config.specs(), config.align), started)
     data = load(str(lake))
     index = write_report(data, out / "report")
     print(
         "\nHeadline findings (computed, not tuned; 'not significant' and 'does not hold' are "
         "reported as such):"
     )
+    stated = set()  # how a finding is read is printed under its first line only
     for f in findings(data):
         print(f"  {f.line()}")
+        for line in [] if f.name in stated else f.details():
+            print(f"      {line}")
+        stated.add(f.name)
     print(
         f"\nReport: {index}"
         f'\nTry: vlray sql --lake {lake} "SELECT study, metric, condition, max(value) '
@@ -581,9 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--config", help="run config (YAML) with an align section (optional)")
     align.add_argument("--datasets", help="only these datasets (comma separated)")
     align.add_argument("--models", help="only these models (comma separated)")
-    align.add_argument(
-        "--studies", help=f"comma separated, of: {', '.join(STUDY_NAMES)}"
-    )
+    align.add_argument("--studies", help=f"comma separated, of: {', '.join(STUDY_NAMES)}")
     align.add_argument("--metrics", help="comma separated, e.g. cka,mutual_knn (vlray.metrics)")
     align.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 100)")
     align.add_argument("--permutations", type=int, help="permutations of the null (default 100)")

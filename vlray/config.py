@@ -60,6 +60,18 @@ def validate_config(raw: dict, where: str) -> RunConfig:
                 f"{where}: field 'models.{i}': unknown model '{name}'; the "
                 f"catalog has: {', '.join(sorted(catalog))}"
             )
+    for i, name in enumerate(config.extract.unperturbed_only):
+        if name not in config.models:
+            raise ConfigError(
+                f"{where}: field 'extract.unperturbed_only.{i}': '{name}' is not one of this "
+                f"config's models ({', '.join(config.models)})"
+            )
+    for name in config.align.model_studies:
+        if name not in config.models:
+            raise ConfigError(
+                f"{where}: field 'align.model_studies.{name}': '{name}' is not one of this "
+                f"config's models ({', '.join(config.models)})"
+            )
     _check_metrics(config.align, where)
     seen = set()
     for i, ds in enumerate(config.datasets):

@@ -80,6 +80,11 @@ TOP_QUARANTINE_REASONS = 5
 # Forced choice runs both ways (He, Trott & Khosla 2025): a caption and the images to choose
 # between ("text_to_image"), or an image and the captions to choose between ("image_to_text").
 TRIAL_DIRECTIONS = ("text_to_image", "image_to_text")
+# What a trial's foil changes (the shapes world): "lexical" one object's shape or colour, so the
+# two captions differ in one word; "binding" the colours of two objects swapped between them,
+# and "relation" two objects' places exchanged, so the two captions hold the same words and
+# only their order tells them apart (a bag of words cannot pass these).
+TRIAL_KINDS = ("lexical", "binding", "relation")
 
 # Forced-choice trials (Pick-a-Pic, the shapes world's foils): the query item, the candidates,
 # and which one is right. ``query_item_id`` is the caption (text_to_image) or the image
@@ -90,6 +95,8 @@ TRIALS_SCHEMA = pa.schema(
     [
         pa.field("trial_id", pa.string(), nullable=False),
         pa.field("direction", pa.string()),  # one of TRIAL_DIRECTIONS
+        # One of TRIAL_KINDS; null for trials of a source that does not say.
+        pa.field("kind", pa.string()),
         pa.field("query_item_id", pa.string()),
         pa.field("choice_item_ids", pa.list_(pa.string())),
         pa.field("preferred", pa.int8()),

@@ -70,6 +70,10 @@ class ExtractOptions(_Options):
     # A local folder where each actor appends one JSON line per batch (start, end, rows):
     # the extraction benchmark's steady-state clock. None: no trace.
     trace_dir: str | None = None
+    # Models that embed only the unperturbed items (perturbation ``none``): a model series
+    # that every study but the perturbation study can use, without paying for the perturbed
+    # copies (the perturbation study then scores only the other side's perturbations).
+    unperturbed_only: tuple[str, ...] = ()
 
 
 class PerturbationOptions(_Options):
@@ -123,6 +127,9 @@ class AlignOptions(_Options):
     captions: Literal["mean", "first"] = "mean"  # an image's text side: mean of its captions
     image_roles: tuple[str, ...] = ("scene", "exemplar")
     studies: tuple[StudyName, ...] = Field(default=STUDY_NAMES, min_length=1)
+    # model -> the only studies its pairs run (of ``studies``): a model series that needs one
+    # study need not pay for all five. A model not named runs every study.
+    model_studies: dict[str, tuple[StudyName, ...]] = Field(default_factory=dict)
     perturbation: PerturbationOptions = Field(default_factory=PerturbationOptions)
     forced_choice: ForcedChoiceOptions = Field(default_factory=ForcedChoiceOptions)
     exemplar: ExemplarOptions = Field(default_factory=ExemplarOptions)

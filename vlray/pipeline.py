@@ -171,7 +171,9 @@ def _extract_all(
         # Read again by the decode tasks, whose working folder is not this process's.
         roots[ds.name] = os.path.abspath(root) if root and local_path(root) else root
     todo = {
-        (spec.name, ds.name): partitions_to_compute(lake, ds.name, spec, fingerprints[ds.name])
+        (spec.name, ds.name): partitions_to_compute(
+            lake, ds.name, spec, fingerprints[ds.name], options
+        )
         for spec in specs
         for ds in config.datasets
     }

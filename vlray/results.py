@@ -21,6 +21,8 @@ class Condition:
     k: int | None = None  # exemplar: exemplars averaged per concept (1, 2, 4, ...)
     averaged_side: str | None = None  # exemplar: the side averaged, image | text | both
     direction: str | None = None  # forced_choice: text_to_image | image_to_text
+    # forced_choice: the trials' kind, lexical | binding | relation; None for trials without a kind
+    trial_kind: str | None = None
     # perturbation: ``none`` (the unperturbed grid) or FAMILY/NAME, as in the embeddings
     # table; None on a family's pooled drop
     perturbation: str | None = None
@@ -44,12 +46,14 @@ class Condition:
     @property
     def label(self) -> str:
         """The readable ``condition``: the parts that are set, joined by '/' (``k=4/image``,
-        ``text_to_image``, ``image_semantic/replace``, ``image_semantic`` for a family's
-        pooled drop, ``nn/frequency=low``); ``none`` when no part is set (layerwise)."""
+        ``text_to_image``, ``text_to_image/binding``, ``image_semantic/replace``,
+        ``image_semantic`` for a family's pooled drop, ``nn/frequency=low``); ``none`` when no
+        part is set (layerwise)."""
         parts = [
             None if self.k is None else f"k={self.k}",
             self.averaged_side,
             self.direction,
+            self.trial_kind,
             # a perturbation's name starts with its family: the family alone marks a pooled row
             self.perturbation or self.perturbation_family,
             self.retrieval,
@@ -124,6 +128,9 @@ ALIGNMENT_SCHEMA = pa.schema(
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
         ("null_mean", pa.float64()),
+        ("null_sd", pa.float64()),  # the null's spread: permutation replicates' sd (ddof=1)
+        ("calibrated", pa.float64()),  # value - null_mean (score_row makes it)
+        ("z_score", pa.float64()),  # (value - null_mean) / null_sd (score_row makes it)
         ("p_value", pa.float64()),
         ("n", pa.int64()),
         ("run_id", pa.string()),
@@ -134,6 +141,24 @@ ALIGNMENT_SCHEMA = pa.schema(
 
 def _or_none(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
+
+
+def calibrate(
+    value: float | None, null_mean: float | None, null_sd: float | None
+) -> tuple[float | None, float | None]:
+    """The null-calibrated score and its z-score, the one definition of both (README, "The
+    results table"): ``calibrated = value - null_mean``, null without a null mean, and
+    ``z_score = (value - null_mean) / null_sd``, null without a null mean or with a null spread
+    that is null or 0; a non-finite input counts as missing. Raw scores rise with width, depth
+    and sample size even for unrelated data; the calibrated ones are the excess over what the
+    same data with the pairing broken scores, in its units or in null standard deviations.
+    """
+    mean, sd = _or_none(null_mean), _or_none(null_sd)
+    if value is None or mean is None:
+        return None, None
+    calibrated = _or_none(value - mean)
+    z_score = None if calibrated is None or not sd else _or_none(calibrated / sd)
+    return calibrated, z_score
 
 
 def score_row(
@@ -152,10 +177,14 @@ def score_row(
     ci_low: float | None = None,
     ci_high: float | None = None,
     null_mean: float | None = None,
+    null_sd: float | None = None,
     p_value: float | None = None,
 ) -> dict:
     """One row of the alignment table: ``metric``'s and ``condition``'s labels, each with its
     typed parts; non-finite statistics become null.
+
+    ``calibrated`` and ``z_score`` are made from ``value``, ``null_mean`` and ``null_sd`` by
+    :func:`calibrate`, never passed in.
 
     A non-finite score is refused: it would sort above every real score in SQL (NaN is the
     largest DOUBLE in DuckDB) and, written to Parquet, hide from ``isnan`` filters that trust
@@ -168,6 +197,7 @@ def score_row(
             f"({vision_layer}, {language_layer}), {metric_parts['metric']} / {condition.label}: "
             f"the score is {value}"
         )
+    calibrated, z_score = calibrate(value, null_mean, null_sd)
     return {
         "study": study,
         "dataset": dataset,
@@ -182,6 +212,9 @@ def score_row(
         "ci_low": _or_none(ci_low),
         "ci_high": _or_none(ci_high),
         "null_mean": _or_none(null_mean),
+        "null_sd": _or_none(null_sd),
+        "calibrated": calibrated,
+        "z_score": z_score,
         "p_value": _or_none(p_value),
         "n": int(n),
         "run_id": run_id,
@@ -203,6 +236,7 @@ def grid_rows(stats, *, metric: str | Metric, condition: Condition, **where) -> 
             ci_low=stats.ci_low[i, j],
             ci_high=stats.ci_high[i, j],
             null_mean=stats.null_mean[i, j],
+            null_sd=stats.null_sd[i, j],
             p_value=stats.p_value[i, j],
             n=stats.n,
         )

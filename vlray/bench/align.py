@@ -17,7 +17,7 @@ scores it three ways:
 Each row: wall seconds of the align call, speedup over (a), Ray tasks, the largest task's
 peak memory (its worker's resident-set high-water mark, less its size when the task began),
 the budget and the pair's embeddings, whether the grid's maximum is the planted peak, and the
-largest difference of any score (value, interval, null mean, p-value) from (a).
+largest difference of any score (value, interval, null mean and sd, p-value) from (a).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 
 from vlray.options import DEFAULT_MEMORY_PER_TASK
 
-FIELDS = ("value", "ci_low", "ci_high", "null_mean", "p_value")
+FIELDS = ("value", "ci_low", "ci_high", "null_mean", "null_sd", "p_value")
 
 
 def _grid(uri: str, metric: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:

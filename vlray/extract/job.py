@@ -21,7 +21,7 @@ from vlray.extract.decode import decode_batch, tokenize_batch
 from vlray.extract.embed import EmbedActor
 from vlray.extract.quarantine import quarantine_rows
 from vlray.extract.sink import EmbeddingSink
-from vlray.items import IMAGE, TEXT
+from vlray.items import IMAGE, NO_PERTURBATION, TEXT
 from vlray.lake import ItemsFingerprint, Lake, LakeError
 from vlray.lake.storage import _one_line
 from vlray.options import ExtractOptions
@@ -152,18 +152,25 @@ def config_hash(spec: ModelSpec, items_fingerprint: str) -> str:
 
 
 def partitions_to_compute(
-    lake: Lake, dataset: str, spec: ModelSpec, items: ItemsFingerprint
+    lake: Lake,
+    dataset: str,
+    spec: ModelSpec,
+    items: ItemsFingerprint,
+    options: ExtractOptions | None = None,
 ) -> list[str]:
     """The perturbations of ``dataset`` whose partition for ``spec`` is missing or stale: its
     recorded hash is neither that of the model and the partition's own items nor (as lakes
     written before partitions had their own fingerprints record) that of the model and the
-    whole, unchanged, dataset."""
+    whole, unchanged, dataset. A model in ``options.unperturbed_only`` has only ``none``."""
     modality = _items_modality(spec)
     done = lake.committed(dataset, spec.name)
     whole = config_hash(spec, items.dataset)
+    wanted = items.perturbations(modality)
+    if options is not None and spec.name in options.unperturbed_only:
+        wanted = [p for p in wanted if p == NO_PERTURBATION]
     return [
         p
-        for p in items.perturbations(modality)
+        for p in wanted
         if done.get(p) not in (config_hash(spec, items.partitions[(modality, p)]), whole)
     ]
 
@@ -185,7 +192,7 @@ def extract_model(
     started = time.time()
     result = ModelResult(dataset=dataset, model=spec.name)
     modality = _items_modality(spec)
-    todo = partitions_to_compute(lake, dataset, spec, items)
+    todo = partitions_to_compute(lake, dataset, spec, items, options)
     if not todo:
         result.skipped = True
         return result

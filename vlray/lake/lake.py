@@ -26,6 +26,10 @@ from vlray.lake.fingerprints import ItemsFingerprint
 from vlray.lake.storage import LakeError, Storage
 from vlray.lake.tables import MANIFEST_SCHEMA, TABLES
 
+# The tables whose columns a later vlray added and ``vlray lake upgrade`` adds to an older
+# lake's (``vlray.lake.upgrade``): a lake lacking any of them is refused until upgraded.
+UPGRADED_COLUMNS = ("alignment", *EXTRA_TABLES)
+
 
 def new_run_id() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
@@ -114,16 +118,17 @@ class Lake:
                 f"{self.uri}"
             )
         # Results written before a score's metric and condition had typed columns would read
-        # as null parts, and the report would leave those rows out without a word.
-        missing = delta.missing_columns(TABLES["alignment"], self.table("alignment"))
-        if missing:
-            later = " (or read a snapshot from after the upgrade)" if self.as_of else ""
-            raise LakeError(
-                f"the alignment table of {self.uri} was written before vlray kept a score's "
-                f"metric and condition as columns ({', '.join(missing)}); add them in place, "
-                f"from the metric and condition labels, nothing recomputed: vlray lake upgrade "
-                f"--lake {self.uri}" + later
-            )
+        # as null parts, and the report would leave those rows out without a word; trials or
+        # concepts without a later column could not take a new source's rows.
+        for name in UPGRADED_COLUMNS:
+            missing = delta.missing_columns(TABLES[name], self.table(name))
+            if missing:
+                later = " (or read a snapshot from after the upgrade)" if self.as_of else ""
+                raise LakeError(
+                    f"the {name} table of {self.uri} was written by an earlier vlray, without "
+                    f"the columns {', '.join(missing)}; add them in place, nothing recomputed: "
+                    f"vlray lake upgrade --lake {self.uri}" + later
+                )
 
     # --- items and quarantine ----------------------------------------------------------------
     def items_fingerprint(self, dataset: str) -> str | None:

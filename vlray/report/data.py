@@ -19,6 +19,7 @@ QUERIES = {
     "overview": "report_overview",
     "models": "report_models",
     "peaks": "layerwise_peaks",
+    "selected": "report_layerwise_selected",
     "grid": "report_layerwise_grid",
     "depth": "report_depth_profile",
     "drops": "report_perturbation_drops",

@@ -84,9 +84,17 @@ def _header(data: ReportData) -> dict[str, object]:
 def _findings(found: list[Finding]) -> dict[str, object]:
     """The findings table, a CSS class per row from its status ('not run' -> not-run)."""
     t = Table(
-        ["finding", "dataset", "model pair", "metric", "status", "numbers"],
+        ["finding", "dataset", "model pair", "metric", "status", "numbers", "how it is read"],
         [
-            [f.title, f.dataset or "-", f.pair or "-", f.metric or "-", f.status, f.text]
+            [
+                f.title,
+                f.dataset or "-",
+                f.pair or "-",
+                f.metric or "-",
+                f.status,
+                f.text,
+                "; ".join(f.details()) or "-",
+            ]
             for f in found
         ],
         "Computed by vlray.report.findings from the alignment table; 'not run' means the "

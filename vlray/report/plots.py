@@ -201,28 +201,38 @@ def drop_bars(
     return save(fig, path)
 
 
+DIRECTION_COLOURS = {"text_to_image": "#2171b5", "image_to_text": "#d94801"}
+
+
 def accuracy_bars(
     path: Path,
-    directions: list[tuple[str, float, float | None, float | None]],
+    bars: list[tuple[str, str, float, float | None, float | None]],
     chance: float,
     title: str,
 ) -> Path:
-    """Accuracy per direction (label, accuracy, lo, hi) with CI bars and a chance line."""
-    fig = _new(4.8, 3.8)
+    """Accuracy per group and direction, (group, direction, accuracy, lo, hi) with CI bars:
+    a group (a trial kind, or "" for trials without one) of bars side by side, one per
+    direction, coloured by direction, and a chance line."""
+    groups = list(dict.fromkeys(b[0] for b in bars))
+    directions = list(dict.fromkeys(b[1] for b in bars))
+    fig = _new(max(4.8, 1.6 + 1.5 * len(groups)), 3.9)
     ax = fig.add_subplot()
-    x = np.arange(len(directions))
-    values = [d[1] for d in directions]
-    err = _yerr(values, [d[2] for d in directions], [d[3] for d in directions])
-    colours = [["#2171b5", "#d94801"][i] if i < 2 else OTHER for i in range(len(x))]
-    ax.bar(x, values, color=colours, yerr=err, capsize=5, width=0.55)
-    for xi, d in zip(x, directions, strict=True):
-        top = max(d[1], _num(d[3]) if d[3] is not None else d[1])
-        ax.text(xi, top + 0.02, f"{d[1]:.2f}", ha="center", va="bottom", fontsize=8)
+    width = 0.8 / max(1, len(directions))
+    for k, direction in enumerate(directions):
+        mine = [(groups.index(b[0]), b) for b in bars if b[1] == direction]
+        x = np.array([g for g, _ in mine]) + (k - (len(directions) - 1) / 2) * width
+        values = [b[2] for _, b in mine]
+        err = _yerr(values, [b[3] for _, b in mine], [b[4] for _, b in mine])
+        colour = DIRECTION_COLOURS.get(direction, OTHER)
+        ax.bar(x, values, width=width * 0.9, color=colour, yerr=err, capsize=4, label=direction)
+        for xi, (_, b) in zip(x, mine, strict=True):
+            top = max(b[2], _num(b[4]) if b[4] is not None else b[2])
+            ax.text(xi, top + 0.02, f"{b[2]:.2f}", ha="center", va="bottom", fontsize=8)
     ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
-    ax.set_xticks(x, [d[0] for d in directions])
-    ax.set_ylim(0, 1.08)
+    ax.set_xticks(np.arange(len(groups)), [g or "all trials" for g in groups])
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("accuracy")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     ax.set_title(_wrap(title, 4.8), fontsize=9)
     return save(fig, path)
 
@@ -326,4 +336,86 @@ def retrieval_bars(
     fig.legend(fontsize=8, loc="outside right upper", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(_wrap(title, fig_width - 1), fontsize=9)
+    return save(fig, path)
+
+
+SELECTION_COLOURS = {"deepest": "#2171b5", "best": "#d94801"}
+
+
+def calibrated_bars(
+    path: Path,
+    pairs: list[tuple[str, bool, dict[str, tuple[float, float | None, float | None]]]],
+    title: str,
+    value_label: str,
+) -> Path:
+    """Horizontal bars of each pair's calibrated score with its CI, one bar per layer
+    selection: ``pairs`` holds (label, is_control, {selection: (score, lo, hi)}); controls'
+    bars are hatched."""
+    selections = [s for s in SELECTION_COLOURS if any(s in p[2] for p in pairs)]
+    fig = _new(8, 1.4 + 0.45 * len(pairs) * max(1, len(selections)))
+    ax = fig.add_subplot()
+    height = 0.8 / max(1, len(selections))
+    y = np.arange(len(pairs))[::-1]
+    for k, selection in enumerate(selections):
+        got = [(yi, p[2][selection]) for yi, p in zip(y, pairs, strict=True) if selection in p[2]]
+        if not got:
+            continue
+        ys = np.array([g[0] for g in got]) + (k - (len(selections) - 1) / 2) * height
+        values = [g[1][0] for g in got]
+        err = _yerr(values, [g[1][1] for g in got], [g[1][2] for g in got])
+        hatches = ["//" if pairs[len(pairs) - 1 - int(g[0])][1] else "" for g in got]
+        bars = ax.barh(
+            ys,
+            values,
+            height=height,
+            color=SELECTION_COLOURS[selection],
+            xerr=err,
+            capsize=3,
+            ecolor="#333",
+            label=f"{selection} layer pair",
+        )
+        for bar, hatch in zip(bars, hatches, strict=True):
+            bar.set_hatch(hatch)
+    ax.set_yticks(y, [p[0] for p in pairs], fontsize=8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(value_label)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(_wrap(title, 8), fontsize=9)
+    return save(fig, path)
+
+
+def series_plot(
+    path: Path,
+    series: dict[str, list[tuple[str, float, float, float | None, float | None]]],
+    title: str,
+    value_label: str,
+) -> Path:
+    """Calibrated score against ImageNet top-1 accuracy, one line per layer selection:
+    ``series`` maps a selection to (model, accuracy, score, lo, hi) in accuracy order."""
+    fig = _new(6, 4.2)
+    ax = fig.add_subplot()
+    markers = {"deepest": "s", "best": "o"}
+    for k, (selection, points) in enumerate(series.items()):
+        # side by side where both selections pick the same layers (the same points)
+        x = [p[1] + 0.04 * (k - (len(series) - 1) / 2) for p in points]
+        values = [p[2] for p in points]
+        err = _yerr(values, [p[3] for p in points], [p[4] for p in points])
+        ax.errorbar(
+            x,
+            values,
+            yerr=err,
+            marker=markers.get(selection, "o"),
+            capsize=4,
+            color=SELECTION_COLOURS.get(selection, OTHER),
+            label=f"{selection} layer pair",
+        )
+        for p in points:
+            ax.annotate(p[0], (p[1], p[2]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("ImageNet top-1 accuracy (%)")
+    ax.set_ylabel(value_label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(_wrap(title, 6), fontsize=9)
     return save(fig, path)

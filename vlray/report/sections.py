@@ -398,7 +398,10 @@ def perturbation_section(data: ReportData, out: Path) -> Section:
         "perturbation",
         True,
         "Drop = unperturbed minus perturbed score (positive: alignment lost), at the layer pair "
-        "where the unperturbed score peaks; error bars are paired-bootstrap CIs.",
+        "where the unperturbed score peaks; error bars are paired-bootstrap CIs. A text "
+        "perturbation that only some captions have (role_swap: captions that state a relation) "
+        "is compared with the same captions unperturbed, so its drop is not the difference of "
+        "the table's two columns, which average every caption.",
     )
     groups = _groups(data["drops"], "dataset", "vision_model", "language_model", "metric")
     if not groups:
@@ -471,65 +474,261 @@ def perturbation_section(data: ReportData, out: Path) -> Section:
 
 
 def forced_choice_section(data: ReportData, out: Path) -> Section:
-    from vlray.report.findings import _above_chance, _direction_order, _p_value
+    from vlray.report.findings import _above_chance, _direction_order, _p_value, kind_order
 
     if not data.has("forced_choice"):
         return _not_run("forced_choice")
     section = Section(
         "forced_choice",
         True,
-        "Accuracy at the deepest layer pair of each model pair (last vision layer x last "
-        "language layer), with Wilson CIs; the dashed line is chance.",
+        "Accuracy per trial kind and direction at the deepest layer pair of each model pair "
+        "(last vision layer x last language layer), with Wilson CIs; the dashed line is chance. "
+        "Lexical foils differ from the truth in one word; binding and relation foils use the "
+        "same words with another meaning, so a bag of words passes only the lexical ones. The "
+        "table adds each pair's best layer pair per kind and direction (chosen on the same "
+        "trials, so optimistic).",
     )
     groups = _groups(data["forced_choice"], "dataset", "vision_model", "language_model")
     for key in _ordered(data, groups):
         dataset, vision, language = key
-        rows = sorted(groups[key], key=_direction_order)
+
+        def order(r: dict) -> tuple:
+            return (kind_order(r["trial_kind"]), _direction_order(r))
+
+        rows = sorted((r for r in groups[key] if r["selection"] == "deepest"), key=order)
+        best = {
+            (r["trial_kind"], r["direction"]): r for r in groups[key] if r["selection"] == "best"
+        }
         first = rows[0]
         where = f"vision layer {first['vision_layer']} x language layer {first['language_layer']}"
+
+        def label(r: dict) -> str:
+            return f"{r['trial_kind']} {r['direction']}" if r["trial_kind"] else r["direction"]
+
         above = [_above_chance(r) for r in rows]
         verdict = (
-            "above chance (CI low > chance, p < 0.01) in every direction"
+            "above chance (CI low > chance, p < 0.01) in every kind and direction"
             if all(above)
             else "not above chance in: "
-            + ", ".join(r["direction"] for r, a in zip(rows, above, strict=True) if not a)
+            + ", ".join(label(r) for r, a in zip(rows, above, strict=True) if not a)
         )
         reading = (
             f"at the deepest layer pair ({where}): "
             + ", ".join(
-                f"{r['direction']} {fmt(r['accuracy'])} {fmt_ci(r['ci_low'], r['ci_high'])} "
-                f"p={fmt_p(_p_value(r))}"
-                for r in rows
+                f"{label(r)} {fmt(r['accuracy'])} {fmt_ci(r['ci_low'], r['ci_high'])}" for r in rows
             )
             + f"; chance {fmt(first['chance'])}; {verdict}"
         )
         name = slug("forced_choice", dataset, vision, language)
         plots.accuracy_bars(
             out / f"{name}.png",
-            [(r["direction"], r["accuracy"], r["ci_low"], r["ci_high"]) for r in rows],
+            [
+                (r["trial_kind"] or "", r["direction"], r["accuracy"], r["ci_low"], r["ci_high"])
+                for r in rows
+            ],
             first["chance"],
             f"{dataset}: {short_pair(data, vision, language)}\nat the deepest layer pair: {where}",
         )
+
+        def best_cell(r: dict, best: dict = best) -> str:
+            b = best.get((r["trial_kind"], r["direction"]))
+            if b is None:
+                return "-"
+            return f"{fmt(b['accuracy'])} at ({b['vision_layer']}, {b['language_layer']})"
+
         _add_figure(
             section,
             out,
             name,
             f"{dataset}: {pair_label(data, vision, language)}",
             reading,
-            rows,
-            ["direction", "accuracy", "CI", "chance", "p", "trials"],
+            rows + list(best.values()),
+            [
+                "kind",
+                "direction",
+                "accuracy",
+                "CI",
+                "chance",
+                "calibrated",
+                "z",
+                "p",
+                "trials",
+                "best layer pair",
+            ],
             [
                 [
+                    r["trial_kind"] or "-",
                     r["direction"],
                     fmt(r["accuracy"]),
                     fmt_ci(r["ci_low"], r["ci_high"]),
                     fmt(r["chance"]),
+                    fmt(r["calibrated"]),
+                    fmt(r["z_score"]),
                     fmt_p(_p_value(r)),
                     str(r["n"]),
+                    best_cell(r),
                 ]
                 for r in rows
             ],
         )
+    return section
+
+
+# --- across models: calibrated scores and the size series -----------------------------------
+
+
+def calibrated_section(data: ReportData, out: Path) -> Section:
+    from vlray.report.findings import imagenet_top1, score_ci, score_of
+
+    if not data["selected"]:
+        return _not_run("layerwise")
+    section = Section(
+        "layerwise",
+        True,
+        "Raw CKA, mutual kNN and the others rise with width, depth and sample size even for "
+        "unrelated data, so models and layers are compared on calibrated scores: the score "
+        "minus the mean of its permutation null (the same layers with the pairing shuffled), "
+        "with the bootstrap CI shifted by the same amount; z is that excess over the null's "
+        "standard deviation. Every pair is read at the same two selections: its deepest layer "
+        "pair and its best layer pair (highest calibrated score). Controls' bars are hatched.",
+        heading="Calibrated scores across models",
+    )
+    groups = _groups(data["selected"], "dataset", "metric")
+    for dataset, metric in sorted(groups):
+        rows = groups[(dataset, metric)]
+        by_pair = _groups(rows, "dataset", "vision_model", "language_model")
+        keys = _ordered(data, by_pair)
+        pairs = []
+        for k in keys:
+            sel = {r["selection"]: r for r in by_pair[k]}
+            pairs.append(
+                (
+                    short_pair(data, k[1], k[2]),
+                    data.is_control(k[1]) or data.is_control(k[2]),
+                    {s: (score_of(r), *score_ci(r)) for s, r in sel.items()},
+                )
+            )
+        name = slug("calibrated", dataset, metric)
+        plots.calibrated_bars(
+            out / f"{name}.png",
+            pairs,
+            f"{dataset}: {metric}, calibrated (value - null mean), at each pair's deepest and "
+            "best layer pair",
+            f"calibrated {metric}",
+        )
+        best = max((r for r in rows if r["selection"] == "best"), key=score_of, default=None)
+        reading = (
+            f"highest calibrated {metric}: {best['vision_model']} x {best['language_model']} "
+            f"{fmt(score_of(best))} at ({best['vision_layer']}, {best['language_layer']})"
+            if best
+            else "no best-layer rows"
+        )
+        _add_figure(
+            section,
+            out,
+            name,
+            f"{dataset}: {metric}, calibrated",
+            reading,
+            rows,
+            [
+                "pair",
+                "layers",
+                "raw",
+                "null mean",
+                "null sd",
+                "calibrated",
+                "calibrated CI",
+                "z",
+                "p",
+            ],
+            [
+                [
+                    f"{r['vision_model']} x {r['language_model']}",
+                    f"{r['selection']} ({r['vision_layer']}, {r['language_layer']})",
+                    fmt(r["value"]),
+                    fmt(r["null_mean"]),
+                    fmt(r["null_sd"]),
+                    fmt(r["calibrated"]),
+                    fmt_ci(r["calibrated_ci_low"], r["calibrated_ci_high"]),
+                    fmt(r["z_score"]),
+                    fmt_p(r["p_value"]),
+                ]
+                for k in keys
+                for r in sorted(by_pair[k], key=lambda r: r["selection"], reverse=True)
+            ],
+        )
+        # The size series: pretrained vision models with a known ImageNet accuracy, against
+        # each pretrained language model.
+        for language in sorted({k[2] for k in keys if not data.is_control(k[2])}):
+            members = sorted(
+                (
+                    (top1, k[1])
+                    for k in keys
+                    if k[2] == language
+                    and not data.is_control(k[1])
+                    and (top1 := imagenet_top1(k[1])) is not None
+                ),
+            )
+            if len(members) < 2:
+                continue
+            series = {}
+            for selection in ("deepest", "best"):
+                points = []
+                for top1, vision in members:
+                    r = next(
+                        (
+                            r
+                            for r in by_pair[(dataset, vision, language)]
+                            if r["selection"] == selection
+                        ),
+                        None,
+                    )
+                    if r is not None:
+                        points.append((vision, top1, score_of(r), *score_ci(r)))
+                series[selection] = points
+            sname = slug("size_series", dataset, language, metric)
+            plots.series_plot(
+                out / f"{sname}.png",
+                series,
+                f"{dataset}: {metric} with {language}, calibrated, by the vision model's "
+                "ImageNet accuracy",
+                f"calibrated {metric}",
+            )
+            srows = [
+                {
+                    "selection": sel,
+                    "vision_model": p[0],
+                    "imagenet_top1": p[1],
+                    "calibrated": p[2],
+                    "ci_low": p[3],
+                    "ci_high": p[4],
+                }
+                for sel, points in series.items()
+                for p in points
+            ]
+            _add_figure(
+                section,
+                out,
+                sname,
+                f"{dataset}: size series with {language}, {metric}",
+                "; ".join(
+                    f"{sel}: " + " < ".join(f"{p[0]} {fmt(p[2])}" for p in points)
+                    for sel, points in series.items()
+                )
+                + " (in ImageNet accuracy order)",
+                srows,
+                ["selection", "vision model", "ImageNet top-1", "calibrated", "CI"],
+                [
+                    [
+                        r["selection"],
+                        r["vision_model"],
+                        f"{r['imagenet_top1']:g}",
+                        fmt(r["calibrated"]),
+                        fmt_ci(r["ci_low"], r["ci_high"]),
+                    ]
+                    for r in srows
+                ],
+            )
     return section
 
 
@@ -755,6 +954,7 @@ def concept_retrieval_section(data: ReportData, out: Path) -> Section:
 
 SECTIONS = (
     layerwise_section,
+    calibrated_section,
     perturbation_section,
     forced_choice_section,
     exemplar_section,

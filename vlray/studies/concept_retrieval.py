@@ -14,7 +14,11 @@ then per breakdown bin (columns ``breakdown``, ``bin``) ``nn/dispersion=low`` (t
 mean pairwise cosine distance among a concept's images), ``nn/frequency=...`` (thirds of word
 frequency, Zipf scale; from the concepts table or the ``wordfreq`` package) and
 ``nn/polysemy=...`` (thirds, when the concepts table has it).
-``null_mean`` is chance: the probability that k words drawn at random include an alias. The
+``null_mean`` is chance: the probability that k words drawn at random include an alias,
+averaged over the row's concepts. ``null_sd`` is the analytic spread of that null, exact under
+it: a concept's hit is then an independent Bernoulli draw with its chance p_c, so a mean over
+m concepts has standard deviation ``sqrt(sum p_c (1 - p_c)) / m`` (:func:`chance_sd`); the
+results table's ``calibrated`` and ``z_score`` are taken against this analytic null. The
 p-value (headline rows) is a permutation test: images' concept labels shuffled, everything
 refitted. k values not below the vocabulary size are left out (every word would be a hit).
 """
@@ -91,6 +95,13 @@ def chance(n_words: int, n_aliases: int, k: int) -> float:
     if k >= n_words:
         return 1.0
     return 1.0 - math.comb(n_words - n_aliases, k) / math.comb(n_words, k)
+
+
+def chance_sd(chances: np.ndarray) -> float:
+    """The standard deviation of a mean of independent Bernoulli hits with chances ``chances``:
+    ``sqrt(sum p (1 - p)) / m`` over the m concepts (the spread of P@k under the chance null)."""
+    p = np.asarray(chances, dtype=np.float64)
+    return float(np.sqrt(np.sum(p * (1.0 - p))) / len(p))
 
 
 def _ranks(
@@ -185,7 +196,7 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
         for method in METHODS:
             for k in ks:
                 hits = (ranks[method] < k).astype(np.float64)
-                stats = {"null_mean": chance_of[k].mean()}
+                stats = {"null_mean": chance_of[k].mean(), "null_sd": chance_sd(chance_of[k])}
                 if len(boot):
                     stats["ci_low"], stats["ci_high"] = np.quantile(
                         hits[boot].mean(axis=1), [alpha, 1 - alpha]
@@ -220,6 +231,7 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                                     ),
                                     value=hits[member].mean(),
                                     null_mean=chance_of[k][member].mean(),
+                                    null_sd=chance_sd(chance_of[k][member]),
                                     n=int(member.sum()),
                                 )
                             )

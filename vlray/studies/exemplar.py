@@ -6,7 +6,8 @@ captions that name the concept when there are no context sentences). k doubles f
 what every concept has; the side averaged is ``image``, ``text`` or ``both`` (the other side
 uses one random exemplar). Each point is ``draws`` random draws: value is their mean and the
 interval their percentile range (variability over which exemplars were drawn); the
-permutation null (concepts' pairing shuffled) and p-value are those of the first draw. Rows:
+permutation null (concepts' pairing shuffled: its mean and sd) and p-value are those of the
+first draw. Rows:
 condition ``k=K/SIDE`` (columns ``k`` and ``averaged_side``).
 """
 
@@ -153,5 +154,11 @@ def _point(
     draws = np.stack(draws)
     low, high = np.quantile(draws, [alpha, 1.0 - alpha], axis=0)
     return metrics.GridStats(
-        draws.mean(axis=0), low, high, null.null_mean, null.p_value, len(img_groups)
+        value=draws.mean(axis=0),
+        ci_low=low,
+        ci_high=high,
+        null_mean=null.null_mean,
+        null_sd=null.null_sd,
+        p_value=null.p_value,
+        n=len(img_groups),
     )

@@ -205,12 +205,17 @@ class StudyInputs:
         return embedded_ids(self.lake, self.dataset, spec.name, key[2], perturbation)
 
     def pairing(
-        self, image_perturbation: str = NO_PERTURBATION, text_perturbation: str = NO_PERTURBATION
+        self,
+        image_perturbation: str = NO_PERTURBATION,
+        text_perturbation: str = NO_PERTURBATION,
+        captions_of: str | None = None,
     ) -> Pairing:
         """Which rows pair up: images (``options.image_roles``) by pair id, and the captions
         whose mean (or first, ``options.captions``) is each image's text side.
 
-        Only items both models embedded count (quarantined rows are simply absent).
+        Only items both models embedded count (quarantined rows are simply absent). With
+        ``captions_of`` (a text perturbation), only the captions that have that perturbation:
+        the like-for-like baseline of a perturbation that only some captions have.
         """
         items, options = self.items, self.options
         captions = items.filter((pc.field("modality") == TEXT) & (pc.field("role") == "caption"))
@@ -218,6 +223,10 @@ class StudyInputs:
             raise StudySkipped(f"dataset '{self.dataset}' has no captions to pair images with")
         vision_ids = self.embedded("vision", image_perturbation)
         language_ids = self.embedded("language", text_perturbation)
+        if captions_of is not None:
+            language_ids = np.intersect1d(
+                language_ids.astype(str), self.embedded("language", captions_of).astype(str)
+            )
         images = items.filter(
             (pc.field("modality") == IMAGE) & pc.field("role").isin(list(options.image_roles))
         )
@@ -261,10 +270,12 @@ class StudyInputs:
         text_perturbation: str = NO_PERTURBATION,
         vision_layers: Sequence[int] | None = None,
         language_layers: Sequence[int] | None = None,
+        captions_of: str | None = None,
     ) -> tuple[LayerStack, LayerStack]:
         """Both models' stacks (every layer, or those listed) in the rows of
-        :meth:`pairing`: row i of each is image i, its text side the mean of its captions."""
-        pairing = self.pairing(image_perturbation, text_perturbation)
+        :meth:`pairing`: row i of each is image i, its text side the mean of its captions
+        (only those that have perturbation ``captions_of``, if given)."""
+        pairing = self.pairing(image_perturbation, text_perturbation, captions_of)
         v = self.stack("vision", image_perturbation, layers=vision_layers)
         t = self.stack("language", text_perturbation, layers=language_layers)
         v, t = self.rows(v, pairing.image_ids), self.rows(t, pairing.caption_ids)

@@ -7,7 +7,10 @@ score. The drop (unperturbed minus perturbed, metric ``M_drop``, column ``drop_o
 ``M``) is taken at the layer pair where the unperturbed score peaks, for each perturbation and
 pooled per family (condition ``FAMILY``: ``perturbation`` null, ``perturbation_family`` set),
 with a paired bootstrap interval: both scores are recomputed on the same item resamples, so the
-interval is that of the difference, not of two independent scores.
+interval is that of the difference, not of two independent scores. A text perturbation that
+only some captions have (a role swap needs a caption that states a relation) is compared with
+the mean of the same captions unperturbed, so the drop is the perturbation's alone and not
+that of a different set of captions.
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
     pairs = {NO_PERTURBATION: inputs.pairs()}
     pairs |= {p: inputs.pairs(image_perturbation=p) for p in image_side}
     pairs |= {p: inputs.pairs(text_perturbation=p) for p in text_side}
-    pairs = _common(pairs)
+    # each text perturbation's like-for-like baseline: the same captions, unperturbed
+    baselines = {(p, "baseline"): inputs.pairs(captions_of=p) for p in text_side}
+    common = _common({**pairs, **baselines})
+    pairs = {name: common[name] for name in pairs}
+    baselines = {p: common[(p, "baseline")][1] for p in text_side}
     v0, t0 = pairs[NO_PERTURBATION]
     n = len(v0.item_ids)
     if n < 3:
@@ -96,12 +103,14 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
         # The drop where the unperturbed alignment peaks: a paired bootstrap per perturbation.
         i, j = np.unravel_index(np.argmax(values[NO_PERTURBATION]), values[NO_PERTURBATION].shape)
         drops: dict[str, np.ndarray] = {}
+        bases: dict[str, float] = {}  # each perturbation's unperturbed score at (i, j)
         for name, (v, t) in pairs.items():
             if name == NO_PERTURBATION:
                 continue
             image_changed = name in image_side
+            t_base = t0 if image_changed else baselines[name]
             xs = [v0.layers[i], v.layers[i]] if image_changed else [v0.layers[i]]
-            ys = [t0.layers[j]] if image_changed else [t0.layers[j], t.layers[j]]
+            ys = [t0.layers[j]] if image_changed else [t_base.layers[j], t.layers[j]]
             if n_boot:
                 reps = metrics.bootstrap_replicates(
                     xs, ys, metric, n_bootstrap=n_boot, seed=options.seed, **kw
@@ -109,7 +118,13 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                 drops[name] = reps[:, 0] - reps[:, 1]
             else:
                 drops[name] = np.empty(0)
-            value = values[NO_PERTURBATION][i, j] - values[name][i, j]
+            base = (
+                values[NO_PERTURBATION][i, j]
+                if t_base is t0
+                else metrics.grid([v0.layers[i]], [t_base.layers[j]], metric, **kw)[0, 0]
+            )
+            value = base - values[name][i, j]
+            bases[name] = base
             rows.append(
                 _drop_row(where, metric, _condition(name), value, drops[name], alpha, n, i, j)
             )
@@ -117,7 +132,7 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
             members = [p for p in drops if perturbation_family(p) == family]
             if not members:
                 continue
-            value = np.mean([values[NO_PERTURBATION][i, j] - values[p][i, j] for p in members])
+            value = np.mean([bases[p] - values[p][i, j] for p in members])
             reps = np.mean([drops[p] for p in members], axis=0) if n_boot else np.empty(0)
             pooled = Condition(perturbation_family=family)
             rows.append(_drop_row(where, metric, pooled, value, reps, alpha, n, i, j))

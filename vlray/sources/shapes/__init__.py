@@ -5,6 +5,9 @@ sentences, exactly perturbed copies and near-miss foils; ``world`` gives the sam
 ``shapes`` source's ``trials`` and ``concepts`` tables. Every image is drawn from its typed scene
 graph (``Scene``), and every perturbation or foil edits that graph (or a caption's objects) and
 draws or writes again, so a changed row differs from its original by exactly the named change.
+Forced-choice trials come in three kinds (``vlray.items.TRIAL_KINDS``): a lexical foil's caption
+differs from the truth in one word; a binding or relation foil's caption has exactly the truth's
+words in another order (checked against both scene graphs), so no bag of words can pass it.
 Each item draws from its own random stream (``keys``): adding items moves no other, and the
 same seed gives the same bytes. Nothing here touches the network.
 """
@@ -32,7 +35,11 @@ from vlray.sources.shapes.concepts import (
     concept_rows,
 )
 from vlray.sources.shapes.draw import render_scene
-from vlray.sources.shapes.perturbations import IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS
+from vlray.sources.shapes.perturbations import (
+    IMAGE_PERTURBATIONS,
+    PARTIAL_TEXT_PERTURBATIONS,
+    TEXT_PERTURBATIONS,
+)
 from vlray.sources.shapes.rows import context_rows, exemplar_rows, scene_rows, vocabulary_rows
 from vlray.sources.shapes.scene import Effects, Relation, Scene, SceneObject
 from vlray.sources.shapes.trials import scene_trials
@@ -46,6 +53,7 @@ __all__ = [
     "CONTEXT_TEMPLATES",
     "IMAGE_PERTURBATIONS",
     "MAX_CAPTIONS_PER_IMAGE",
+    "PARTIAL_TEXT_PERTURBATIONS",
     "SHAPES",
     "SHAPE_WORDS",
     "TEXT_PERTURBATIONS",
@@ -96,9 +104,10 @@ def _build(
         rows += vocabulary_rows(seed, sentences_per_concept)
     trials = []
     for index in range(n_scenes):
-        rows += scene_rows(seed, index, captions_per_image, image_size, perturbations, foils)
+        new, kinds = scene_rows(seed, index, captions_per_image, image_size, perturbations, foils)
+        rows += new
         if foils:
-            trials += scene_trials(seed, index)
+            trials += scene_trials(seed, index, kinds)
     source = f"shapes:seed={seed}"
     for row in rows + trials:
         row["source"] = source
@@ -119,10 +128,14 @@ def world(
     """The shapes world as the ``shapes`` source gives it: ``generate``'s items table (same
     arguments, same bytes) and its extra tables by name.
 
-    ``trials`` (``TRIALS_SCHEMA``; only if ``foils``): per scene ``scene-NNNN/text_to_image``
-    (query its first caption, choices the scene and foil images) and ``scene-NNNN/image_to_text``
-    (query the scene image, choices its first caption and the foil's), choices in a seeded
-    order, ``preferred`` the index of the true one, ``label`` 1 for it and 0 for the foil.
+    ``trials`` (``TRIALS_SCHEMA``; only if ``foils``): per scene and foil two trials,
+    text_to_image (query the scene's first caption ``scene-NNNN#c0``, choices the scene image
+    and the foil image) and image_to_text (query the scene image, choices ``scene-NNNN#c0`` and
+    the foil's caption), choices in a seeded order, ``preferred`` the index of the true one,
+    ``label`` 1 for it and 0 for the foil, ``kind`` the foil's kind: ``scene-NNNN/{direction}``
+    (kind "lexical", foil ``scene-NNNN-foil``) for every scene, ``scene-NNNN/binding/{direction}``
+    and ``scene-NNNN/relation/{direction}`` (foils ``scene-NNNN-binding``,
+    ``scene-NNNN-relation``) for the scenes that have such a foil (``trials`` module).
     ``concepts`` (``CONCEPTS_SCHEMA``): per concept its word, ``ALIASES`` (the word first) and
     the word's Zipf frequency from ``wordfreq``; polysemy null.
     """
@@ -150,10 +163,15 @@ def generate(*args: Any, **kwargs: Any) -> pa.Table:
     Rows: per concept ``exemplars_per_concept`` exemplar images with ``captions_per_image``
     captions each and ``sentences_per_concept`` context sentences; ``n_scenes`` scene images
     with their captions; and, if ``perturbations``, one copy of every scene image per
-    ``IMAGE_PERTURBATIONS`` entry and of every scene caption per ``TEXT_PERTURBATIONS`` entry.
-    If ``vocabulary``, ``sentences_per_concept`` context sentences (concept null, ids
-    ``voc-SLUG-KK``) for every other ``VOCABULARY`` phrase; if ``foils``, per scene a foil image
-    ``scene-NNNN-foil`` and its caption ``scene-NNNN-foil#c0`` (role "foil"). Neither flag
-    changes the other rows. The same arguments give the same bytes.
+    ``IMAGE_PERTURBATIONS`` entry and of every scene caption per ``TEXT_PERTURBATIONS`` entry,
+    except that only a caption stating relations has a ``text_semantic/role_swap`` copy
+    (``PARTIAL_TEXT_PERTURBATIONS``; every scene's first caption does). If ``vocabulary``,
+    ``sentences_per_concept`` context sentences (concept null, ids ``voc-SLUG-KK``) for every
+    other ``VOCABULARY`` phrase. If ``foils``, per scene a lexical foil image ``scene-NNNN-foil``
+    and its caption ``scene-NNNN-foil#c0``, and where the scene has them a binding foil
+    ``scene-NNNN-binding`` and a relation foil ``scene-NNNN-relation`` with their captions
+    ``#c0`` (all role "foil", captions from the scene's first caption template). Neither flag
+    changes the other rows, and rows added since keep every earlier row's bytes. The same
+    arguments give the same bytes.
     """
     return world(*args, **kwargs)[0]

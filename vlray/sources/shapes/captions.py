@@ -1,7 +1,9 @@
 """Captions of images and context sentences of phrases, each written from a template.
 
 A caption template turns objects (and the image side) into one sentence, so a perturbation can
-change the objects, or swap the template for a paraphrase, and write the caption again.
+change the objects, or swap the template for a paraphrase, and write the caption again. A
+relational template reads as a chain (``relation_chain``: the objects in order and the relation
+words between them), which a role swap writes again with two objects exchanged.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vlray.sources.shapes.scene import SceneObject
+from vlray.sources.shapes.scene import Relation, SceneObject
 
 _NUMBERS = {1: "One shape", 2: "Two shapes", 3: "Three shapes"}
 
@@ -40,12 +42,29 @@ def _rel_word(a: SceneObject, b: SceneObject) -> str:
     return "above" if a.above(b) else "below"
 
 
-def _chain(objects: Sequence[SceneObject]) -> str:
-    """ "A X to the left of a Y, which is above a Z." along the given order."""
-    text = f"{_cap(_np(objects[0]))} {_rel_word(objects[0], objects[1])} {_np(objects[1])}"
-    for a, b in zip(objects[1:], objects[2:], strict=False):
-        text += f", which is {_rel_word(a, b)} {_np(b)}"
+# What each relation word states, as (predicate, whether the named objects swap roles): "a
+# below b" is "b above a".
+_REL_STATES = {
+    "to the left of": ("left_of", False),
+    "to the right of": ("left_of", True),
+    "above": ("above", False),
+    "below": ("above", True),
+}
+
+
+def write_chain(objects: Sequence[SceneObject], words: Sequence[str]) -> str:
+    """ "A X to the left of a Y, which is above a Z.": the objects in this order, ``words[k]``
+    (a relation word) between objects k and k + 1, whether or not it is true of them."""
+    text = f"{_cap(_np(objects[0]))} {words[0]} {_np(objects[1])}"
+    for word, b in zip(words[1:], objects[2:], strict=True):
+        text += f", which is {word} {_np(b)}"
     return text + "."
+
+
+def _chain(objects: Sequence[SceneObject]) -> str:
+    """The chain caption along the given order, each relation read off the boxes."""
+    pairs = zip(objects, objects[1:], strict=False)
+    return write_chain(objects, [_rel_word(a, b) for a, b in pairs])
 
 
 def _left_to_right(objects: Sequence[SceneObject]) -> list[SceneObject]:
@@ -73,7 +92,8 @@ _SCENE_TEMPLATES: dict[str, _Template] = {
     "relation_backward": lambda objs, _: _chain(_left_to_right(objs)[::-1]),
     **_SHARED_TEMPLATES,
 }
-_SCENE_PARAPHRASE_GROUPS = (("relation_forward", "relation_backward"), tuple(_SHARED_TEMPLATES))
+_RELATIONAL_TEMPLATES = ("relation_forward", "relation_backward")
+_SCENE_PARAPHRASE_GROUPS = (_RELATIONAL_TEMPLATES, tuple(_SHARED_TEMPLATES))
 _SINGLE_TEMPLATES: dict[str, _Template] = {
     "plain": lambda objs, _: f"{_cap(_np(objs[0]))}.",
     **_SHARED_TEMPLATES,
@@ -97,6 +117,36 @@ def render_caption(template: str, objects: Sequence[SceneObject], image_size: in
     """The caption that template ``template`` writes of ``objects``."""
     table = _SINGLE_TEMPLATES if len(objects) == 1 else _SCENE_TEMPLATES
     return table[template](objects, image_size)
+
+
+def relation_chain(
+    template: str, objects: Sequence[SceneObject]
+) -> tuple[list[SceneObject], list[str]] | None:
+    """The objects in the order relational template ``template`` names them and the relation
+    words between neighbours; None for a template that states no relation."""
+    if len(objects) < 2 or template not in _RELATIONAL_TEMPLATES:
+        return None
+    order = _left_to_right(objects)
+    if template == "relation_backward":
+        order = order[::-1]
+    return order, [_rel_word(a, b) for a, b in zip(order, order[1:], strict=False)]
+
+
+def stated_relations(objects: Sequence[SceneObject], words: Sequence[str]) -> set[Relation]:
+    """The relations (by object id) that ``write_chain(objects, words)`` states."""
+    stated = set()
+    for (a, b), word in zip(zip(objects, objects[1:], strict=False), words, strict=True):
+        predicate, swapped = _REL_STATES[word]
+        subject, obj = (b, a) if swapped else (a, b)
+        stated.add(Relation(subject.id, predicate, obj.id))
+    return stated
+
+
+def caption_words(text: str) -> list[str]:
+    """The caption's words, lower case, punctuation dropped, sorted: its bag of words."""
+    for mark in ".,:!":
+        text = text.replace(mark, " ")
+    return sorted(text.lower().split())
 
 
 def paraphrase_template(template: str, siblings: Sequence[str], rng: np.random.Generator) -> str:

@@ -21,6 +21,8 @@ class Stream(IntEnum):
     FOIL = 6
     VOCABULARY = 7
     TRIAL = 8
+    BINDING = 9  # a scene's binding foil (sub-stream 0) and its trials' order (1)
+    RELATION = 10  # a scene's relation foil (sub-stream 0) and its trials' order (1)
 
 
 def stream(seed: int, kind: Stream, *index: int) -> np.random.Generator:

@@ -9,9 +9,15 @@ from dataclasses import replace
 import numpy as np
 
 from vlray.sources import SourceError
-from vlray.sources.shapes.captions import paraphrase_template, render_caption
+from vlray.sources.shapes.captions import (
+    paraphrase_template,
+    relation_chain,
+    render_caption,
+    stated_relations,
+    write_chain,
+)
 from vlray.sources.shapes.concepts import COLOURS
-from vlray.sources.shapes.scene import Effects, Scene, SceneObject
+from vlray.sources.shapes.scene import Effects, Scene, SceneObject, relations_of
 
 IMAGE_PERTURBATIONS: tuple[str, ...] = (
     "image_appearance/background",
@@ -27,7 +33,12 @@ TEXT_PERTURBATIONS: tuple[str, ...] = (
     "text_appearance/paraphrase",
     "text_semantic/scramble",
     "text_semantic/swap_attribute",
+    "text_semantic/role_swap",
+    "text_semantic/remove_object",
 )
+# Text perturbations that some captions have no copy of: a role swap only of a caption that
+# states relations (a listing caption's nouns can trade places without changing its meaning).
+PARTIAL_TEXT_PERTURBATIONS: tuple[str, ...] = ("text_semantic/role_swap",)
 
 # Backgrounds for the recolour perturbation, all far from the light grey of the originals.
 _ALT_BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
@@ -50,6 +61,15 @@ def recolour(objects: Sequence[SceneObject], index: int, colour: str) -> tuple[S
     return tuple(replace(o, colour=colour) if i == index else o for i, o in enumerate(objects))
 
 
+def removed_index(rng: np.random.Generator, n_objects: int) -> int:
+    """Which object a remove_object perturbation drops: one draw from its stream."""
+    return int(rng.integers(0, n_objects))
+
+
+def _without(objects: Sequence[SceneObject], drop: int) -> tuple[SceneObject, ...]:
+    return tuple(o for i, o in enumerate(objects) if i != drop)
+
+
 def perturb_scene(name: str, scene: Scene, rng: np.random.Generator) -> Scene:
     """The scene after one named image perturbation (``IMAGE_PERTURBATIONS``)."""
     size, objects = scene.image_size, scene.objects
@@ -65,8 +85,7 @@ def perturb_scene(name: str, scene: Scene, rng: np.random.Generator) -> Scene:
     if name == "image_appearance/translate":
         return replace(scene, objects=_translate(objects, rng, size))
     if name == "image_semantic/remove_object":
-        drop = int(rng.integers(0, len(objects)))
-        return replace(scene, objects=tuple(o for i, o in enumerate(objects) if i != drop))
+        return replace(scene, objects=_without(objects, removed_index(rng, len(objects))))
     if name == "image_semantic/swap_attribute":
         index = int(rng.integers(0, len(objects)))
         free = free_colours(objects)
@@ -128,6 +147,42 @@ def _scramble(text: str, rng: np.random.Generator) -> str:
             return " ".join(scrambled)
 
 
+def _role_swap(
+    template: str, objects: Sequence[SceneObject], rng: np.random.Generator
+) -> str | None:
+    """The relational caption with two objects' noun phrases exchanged around its relation
+    words, chosen (seeded) among the exchanges that make it false of the scene; None for a
+    caption that states no relation. Exchanging the first two objects always qualifies: it
+    reverses the first stated relation."""
+    chain = relation_chain(template, objects)
+    if chain is None:
+        return None
+    order, words = chain
+    truth = set(relations_of(objects))
+    options = []
+    for i in range(len(order)):
+        for j in range(i + 1, len(order)):
+            swapped = list(order)
+            swapped[i], swapped[j] = order[j], order[i]
+            if not stated_relations(swapped, words) <= truth:
+                options.append(swapped)
+    if not options:
+        return None
+    return write_chain(options[int(rng.integers(0, len(options)))], words)
+
+
+def _caption_without(
+    template: str, objects: Sequence[SceneObject], drop: int, image_size: int
+) -> str:
+    """The caption ``template`` writes of the objects but the one at ``drop``. A relational
+    template needs two objects: with one left, the caption names it alone ("A small red
+    circle.", the "plain" template of one-object images); a listing template lists it alone."""
+    kept = _without(objects, drop)
+    if len(kept) == 1 and relation_chain(template, objects) is not None:
+        template = "plain"
+    return render_caption(template, kept, image_size)
+
+
 def perturb_caption(
     name: str,
     template: str,
@@ -136,9 +191,17 @@ def perturb_caption(
     text: str,
     image_size: int,
     rng: np.random.Generator,
-) -> str:
+    drop: int | None = None,
+) -> str | None:
     """One named text perturbation (``TEXT_PERTURBATIONS``) of the scene caption ``text``,
-    written by ``template`` of ``objects``; ``siblings`` are the image's caption templates."""
+    written by ``template`` of ``objects``; ``siblings`` are the image's caption templates.
+    None where the perturbation has no copy of this caption (``PARTIAL_TEXT_PERTURBATIONS``).
+
+    text_semantic/role_swap keeps every word but exchanges two objects' places in the sentence,
+    so that what it states is false of the scene; text_semantic/remove_object is the caption of
+    the objects but one (the one at ``drop``; if None, drawn from ``rng``), the text twin of
+    image_semantic/remove_object.
+    """
     if name == "text_appearance/case":
         return text.upper()
     if name == "text_appearance/punctuation":
@@ -149,4 +212,9 @@ def perturb_caption(
         return _scramble(text, rng)
     if name == "text_semantic/swap_attribute":
         return render_caption(template, _swap_caption_colours(objects, rng), image_size)
+    if name == "text_semantic/role_swap":
+        return _role_swap(template, objects, rng)
+    if name == "text_semantic/remove_object":
+        drop = removed_index(rng, len(objects)) if drop is None else drop
+        return _caption_without(template, objects, drop, image_size)
     raise SourceError(f"unknown text perturbation {name!r}")

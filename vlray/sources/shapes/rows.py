@@ -1,5 +1,5 @@
-"""Items-table rows: exemplars, scenes with their captions, perturbed copies and foils, and
-context sentences."""
+"""Items-table rows: exemplars, scenes with their captions, perturbed copies and foils (lexical,
+binding, relation), and context sentences."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from vlray.sources.shapes.perturbations import (
     TEXT_PERTURBATIONS,
     perturb_caption,
     perturb_scene,
+    removed_index,
 )
 from vlray.sources.shapes.scene import Scene, exemplar_scene, sample_scene
-from vlray.sources.shapes.trials import foil_scene
+from vlray.sources.shapes.trials import foil_scene, semantic_foils
 
 
 def _image_row(
@@ -124,15 +125,26 @@ def vocabulary_rows(seed: int, sentences_per_concept: int) -> list[dict]:
     return rows
 
 
-def _foil_rows(seed: int, index: int, scene: Scene, template: str, split: str) -> list[dict]:
-    """The scene's foil image and its caption from the scene's first caption template."""
-    foil = foil_scene(scene, stream(seed, Stream.FOIL, index))
-    item_id = f"{scene_id(index)}-foil"
-    text = render_caption(template, foil.objects, scene.image_size)
+def _foil_pair(item_id: str, foil: Scene, template: str, split: str) -> list[dict]:
+    """A foil image and its caption from the scene's first caption template (role "foil")."""
+    text = render_caption(template, foil.objects, foil.image_size)
     return [
         _image_row(item_id, "foil", None, split, foil),
         _caption_row(f"{item_id}#c0", item_id, None, split, text, role="foil"),
     ]
+
+
+def _foil_rows(
+    seed: int, index: int, scene: Scene, template: str, split: str
+) -> tuple[list[dict], list[str]]:
+    """The scene's lexical foil pair (scene-NNNN-foil), then its binding and relation foil
+    pairs (scene-NNNN-binding, scene-NNNN-relation) where it has them, and those kinds."""
+    lexical = foil_scene(scene, stream(seed, Stream.FOIL, index))
+    rows = _foil_pair(f"{scene_id(index)}-foil", lexical, template, split)
+    semantic = semantic_foils(seed, index, scene, template)
+    for kind, foil in semantic.items():
+        rows += _foil_pair(f"{scene_id(index)}-{kind}", foil, template, split)
+    return rows, list(semantic)
 
 
 def scene_rows(
@@ -142,9 +154,13 @@ def scene_rows(
     image_size: int,
     perturbations: bool,
     foils: bool = False,
-) -> list[dict]:
-    """Scene ``index``: its image and captions, its foil pair if ``foils``, and if
-    ``perturbations`` one perturbed copy of the image and of each caption per perturbation."""
+) -> tuple[list[dict], list[str]]:
+    """Scene ``index``'s rows and the kinds of semantic foil it has ("binding", "relation";
+    none without ``foils``). Rows: its image and captions; if ``foils``, its foil pairs; if
+    ``perturbations``, one perturbed copy of the image per image perturbation and of each
+    caption per text perturbation, but no role swap of a caption that states no relation
+    (``PARTIAL_TEXT_PERTURBATIONS``). A caption's remove_object drops the object the image's
+    does, so the two describe the same edited scene."""
     rng = stream(seed, Stream.SCENE, index)
     scene = sample_scene(rng, image_size)
     item_id, split = scene_id(index), scene_split(index)
@@ -155,17 +171,24 @@ def scene_rows(
         _caption_row(f"{item_id}#c{j}", item_id, None, split, text)
         for j, text in enumerate(captions)
     ]
+    kinds: list[str] = []
     if foils:
-        rows += _foil_rows(seed, index, scene, templates[0], split)
+        foil_rows, kinds = _foil_rows(seed, index, scene, templates[0], split)
+        rows += foil_rows
     if not perturbations:
-        return rows
+        return rows, kinds
     for p, name in enumerate(IMAGE_PERTURBATIONS):
         prng = stream(seed, Stream.IMAGE_PERTURB, index, p)
         perturbed = perturb_scene(name, scene, prng)
         rows.append(_image_row(item_id, "scene", None, split, perturbed, name))
+    # The object the image's remove_object drops: the first draw of that perturbation's stream.
+    removal = IMAGE_PERTURBATIONS.index("image_semantic/remove_object")
+    drop = removed_index(stream(seed, Stream.IMAGE_PERTURB, index, removal), len(scene.objects))
     for j, (template, text) in enumerate(zip(templates, captions, strict=True)):
         for p, name in enumerate(TEXT_PERTURBATIONS):
             prng = stream(seed, Stream.TEXT_PERTURB, index, j, p)
-            new = perturb_caption(name, template, templates, scene.objects, text, image_size, prng)
-            rows.append(_caption_row(f"{item_id}#c{j}", item_id, None, split, new, name))
-    return rows
+            args = (template, templates, scene.objects, text, image_size, prng)
+            new = perturb_caption(name, *args, drop=drop)
+            if new is not None:
+                rows.append(_caption_row(f"{item_id}#c{j}", item_id, None, split, new, name))
+    return rows, kinds

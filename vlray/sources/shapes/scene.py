@@ -4,6 +4,7 @@ of exemplar and scene layouts."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -64,6 +65,13 @@ class SceneObject:
             self, x=x, y=y, bbox=geometry.bbox(self.shape, self.radius, self.rotation, x, y)
         )
 
+    def moved_to(self, x: float, y: float) -> SceneObject:
+        """The object centred on (x, y) (rounded to 0.01), its box redrawn; all else kept."""
+        x, y = round(x, 2), round(y, 2)
+        return replace(
+            self, x=x, y=y, bbox=geometry.bbox(self.shape, self.radius, self.rotation, x, y)
+        )
+
     def polygon(self) -> np.ndarray:
         """The outline in image pixels (not for a circle)."""
         return geometry.polygon(self.shape, self.radius, self.rotation, self.x, self.y)
@@ -97,6 +105,18 @@ class Relation:
     object: int
 
 
+def relations_of(objects: Sequence[SceneObject]) -> tuple[Relation, ...]:
+    """Every pairwise left_of / above that holds between the objects' whole boxes."""
+    rels = []
+    for a in objects:
+        for b in objects:
+            if a.left_of(b):
+                rels.append(Relation(a.id, "left_of", b.id))
+            if a.above(b):
+                rels.append(Relation(a.id, "above", b.id))
+    return tuple(rels)
+
+
 @dataclass(frozen=True)
 class Effects:
     """Whole-image effects applied after drawing, in this order; None: not applied."""
@@ -125,14 +145,7 @@ class Scene:
     @property
     def relations(self) -> tuple[Relation, ...]:
         """Every pairwise left_of / above that holds between whole boxes."""
-        rels = []
-        for a in self.objects:
-            for b in self.objects:
-                if a.left_of(b):
-                    rels.append(Relation(a.id, "left_of", b.id))
-                if a.above(b):
-                    rels.append(Relation(a.id, "above", b.id))
-        return tuple(rels)
+        return relations_of(self.objects)
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no spaces): equal scenes give equal text."""
@@ -153,6 +166,23 @@ class Scene:
         background = tuple(graph["background"])
         effects = Effects(**graph.get("effects", {}))
         return cls(graph["image_size"], background, objects, effects)
+
+
+def inside(obj: SceneObject, image_size: int) -> bool:
+    """True if the object's whole box lies inside the frame, the margins kept clear."""
+    m = _MARGIN * image_size
+    x0, y0, x1, y1 = obj.bbox
+    return m <= x0 and m <= y0 and x1 <= image_size - m and y1 <= image_size - m
+
+
+def fitted(obj: SceneObject, image_size: int) -> SceneObject:
+    """The object moved the least along each axis (plus 0.01 px against rounding) so that its
+    box lies inside the margins; itself if it already does."""
+    m, far = _MARGIN * image_size, (1 - _MARGIN) * image_size
+    x0, y0, x1, y1 = obj.bbox
+    dx = (m - x0 + 0.01 if x0 < m else 0.0) - (x1 - far + 0.01 if x1 > far else 0.0)
+    dy = (m - y0 + 0.01 if y0 < m else 0.0) - (y1 - far + 0.01 if y1 > far else 0.0)
+    return obj if dx == dy == 0.0 else obj.moved_to(obj.x + dx, obj.y + dy)
 
 
 def _background(rng: np.random.Generator) -> tuple[int, int, int]:
