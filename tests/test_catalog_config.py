@@ -178,6 +178,7 @@ def test_models_command_lists_the_catalog(capsys):
     rows = {line.split()[0]: line.split() for line in lines}
     assert set(rows) == set(load_catalog())
     assert rows["efficientnet_lite0"][1:4] == ["vision", "packaged", "packaged"]
+    assert [rows[f"efficientnet_lite{i}"][5] for i in range(3)] == ["75.1", "76.7", "77.6"]
     assert rows["minilm_l6_random"][3] == "random"
     assert rows["resnet50"][3] == "hub"
     assert main(["models", "--modality", "language"]) == 0

@@ -436,6 +436,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "source": spec.source,
                 "weights": weights,
                 "pooling": ",".join(spec.pooling),
+                # published ImageNet top-1 (%): what orders a size series
+                "imagenet_top1": "" if spec.imagenet_top1 is None else f"{spec.imagenet_top1:g}",
                 "id": spec.id,
             }
         )
