@@ -1,7 +1,7 @@
 """The report: headline findings and an HTML page with PNG figures from the alignment table.
 
 - ``vlray.report.data``: the named ``sql/report_*.sql`` queries and model metadata;
-- ``vlray.report.findings``: the six headline findings (``findings(lake) -> list[Finding]``);
+- ``vlray.report.findings``: the headline findings (``findings(lake) -> list[Finding]``);
 - ``vlray.report.plots``: the matplotlib figures;
 - ``vlray.report.sections``: per study, the figures with their numbers and one-line readings;
 - ``vlray.report.html``: the page, rendered from the jinja2 templates in ``templates/``;
