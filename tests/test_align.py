@@ -282,3 +282,30 @@ def test_a_non_finite_score_is_refused_naming_where_it_arose(value):
     # A non-finite statistic is only missing: it becomes null.
     row = score_row(**where, **place, value=0.5, run_id="r", ci_low=value, p_value=value)
     assert row["value"] == 0.5 and row["ci_low"] is None and row["p_value"] is None
+
+
+def test_a_model_series_runs_only_its_studies_and_embeds_only_unperturbed(small_lake):
+    """align.model_studies limits a model's pairs to the studies named; extract's
+    unperturbed_only leaves a model only the unperturbed partition to compute."""
+    from vlray.extract import partitions_to_compute
+    from vlray.lake.fingerprints import ItemsFingerprint
+    from vlray.options import ExtractOptions
+
+    lake, _ = small_lake
+    options = OPTIONS.model_copy(
+        update={
+            "studies": ("layerwise", "forced_choice"),
+            "model_studies": {"tiny_vit_random": ("layerwise",)},
+        }
+    )
+    specs = [get_spec(n) for n in ("efficientnet_lite0", "tiny_vit_random", "minilm_l6")]
+    done = {s["vision_model"]: s["studies"] for s in run_align(lake, ["shapes"], specs, options)}
+    assert set(done["efficientnet_lite0"]) == {"layerwise", "forced_choice"}
+    assert set(done["tiny_vit_random"]) == {"layerwise"}  # no forced choice for its pair
+
+    items = ItemsFingerprint.of(Lake(lake).read("items", {"dataset": "shapes"}))
+    spec = get_spec("efficientnet_lite0_random")  # not embedded in this lake
+    every = partitions_to_compute(Lake(lake), "shapes", spec, items, ExtractOptions())
+    assert len(every) > 1 and "none" in every
+    only = ExtractOptions(unperturbed_only=("efficientnet_lite0_random",))
+    assert partitions_to_compute(Lake(lake), "shapes", spec, items, only) == ["none"]
