@@ -51,7 +51,14 @@ def test_format_table_aligns_columns_in_first_seen_order():
 def test_models_prints_the_one_table(formatted, capsys):
     assert main(["models", "--modality", "vision"]) == 0
     assert capsys.readouterr().out == formatted[0] + "\n" and len(formatted) == 1
-    assert formatted[0].split()[:6] == ["name", "modality", "source", "weights", "pooling", "id"]
+    assert formatted[0].split()[:6] == [
+        "name",
+        "modality",
+        "source",
+        "weights",
+        "pooling",
+        "imagenet_top1",
+    ]
 
 
 def test_sql_and_lake_history_print_the_one_table(formatted, tmp_path, capsys):
