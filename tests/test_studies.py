@@ -51,7 +51,7 @@ METRIC_PARTS = {
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def planted(tmp_path_factory, ray_session):
     path = str(tmp_path_factory.mktemp("planted") / "lake")
     plant_lake(
         path, {VISION: ("vision", False), CONTROL: ("vision", True), LANGUAGE: ("language", False)}
