@@ -86,6 +86,15 @@ TRIAL_DIRECTIONS = ("text_to_image", "image_to_text")
 # only their order tells them apart (a bag of words cannot pass these).
 TRIAL_KINDS = ("lexical", "binding", "relation")
 
+
+def trial_kind_order(kind: str | None) -> tuple:
+    """A sort key: ``TRIAL_KINDS`` in their order, other kinds by name, trials without a kind
+    last."""
+    if kind in TRIAL_KINDS:
+        return (0, TRIAL_KINDS.index(kind), "")
+    return (1, 0, kind) if kind is not None else (2, 0, "")
+
+
 # Forced-choice trials (Pick-a-Pic, the shapes world's foils): the query item, the candidates,
 # and which one is right. ``query_item_id`` is the caption (text_to_image) or the image
 # (image_to_text); ``choice_item_ids`` the candidates, of the other modality; ``preferred``
@@ -123,6 +132,16 @@ CONCEPTS_SCHEMA = pa.schema(
 # Tables a source may return besides its items and quarantine, by name; each is stored in the
 # lake at ``LAKE/NAME/dataset=D/part-0.parquet`` and read through the DuckDB view ``NAME``.
 EXTRA_TABLES: dict[str, pa.Schema] = {"trials": TRIALS_SCHEMA, "concepts": CONCEPTS_SCHEMA}
+
+
+def fit_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` as ``schema``: its columns selected and cast, and a nullable column it lacks
+    (one a later vlray added, such as a trial's ``kind``) null. A required column it lacks
+    raises ``KeyError``; a value that does not cast, ``pyarrow.ArrowInvalid``."""
+    for f in schema:
+        if f.name not in table.column_names and f.nullable:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 def items_table(rows: list[dict]) -> pa.Table:

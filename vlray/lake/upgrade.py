@@ -51,6 +51,7 @@ from vlray.items import (
     ITEMS_SCHEMA,
     NO_PERTURBATION,
     QUARANTINE_SCHEMA,
+    fit_schema,
     perturbation_family,
 )
 from vlray.lake import delta
@@ -206,19 +207,6 @@ def _lacking(store: Storage) -> list[str]:
         for name in UPGRADED_COLUMNS
         if delta.missing_columns(TABLES[name], delta.open_table(store, TABLES[name]))
     ]
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` in ``schema``: a column it lacks (one a later vlray added) null."""
-    return pa.Table.from_arrays(
-        [
-            table[f.name].cast(f.type)
-            if f.name in table.column_names
-            else pa.nulls(table.num_rows, f.type)
-            for f in schema
-        ],
-        schema=schema,
-    )
 
 
 # --- finding the old files -----------------------------------------------------------------
@@ -411,7 +399,7 @@ def _extra(store: Storage, old: _Old, name: str) -> str:
         (dataset,) = values
         for f in files:
             table = _read(store, old.full(store, f)).replace_schema_metadata(None)
-            yield _conform(table, EXTRA_TABLES[name]), {"dataset": dataset}
+            yield fit_schema(table, EXTRA_TABLES[name]), {"dataset": dataset}
 
     _, rows, skipped = _convert_partitioned(store, old, name, read)
     return _line(name, f"{len(old.by_partition())} dataset(s): {rows} rows", skipped)

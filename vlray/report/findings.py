@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from vlray.items import TRIAL_KINDS
+from vlray.items import trial_kind_order
 from vlray.lake import Lake
 from vlray.report.data import NoResultsError, ReportData, deepest_rows, fmt, fmt_ci, fmt_p, load
 from vlray.results import Metric
@@ -347,15 +347,25 @@ def imagenet_top1(name: str) -> float | None:
         return None
 
 
+def size_series(
+    data: ReportData, metric: str | None = None
+) -> dict[tuple[str, str], list[tuple[float, str]]]:
+    """(dataset, pretrained language model) -> its size series: the pretrained vision models
+    with a known ImageNet accuracy and layerwise results (of ``metric``, if given) with it, as
+    (accuracy, model) in accuracy order, then by name."""
+    only = {} if metric is None else {"metric": metric}
+    groups: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for dataset, vision, language in data.pretrained_pairs():
+        top1 = imagenet_top1(vision)
+        if top1 is not None and _of(data["selected"], dataset, vision, language, **only):
+            groups.setdefault((dataset, language), []).append((top1, vision))
+    return {key: sorted(members) for key, members in sorted(groups.items())}
+
+
 def size_series_findings(data: ReportData) -> list[Finding]:
     """Per (dataset, pretrained language model): does the calibrated score grow with the
     pretrained vision models' ImageNet accuracy? Needs at least three such vision models."""
     out = []
-    groups: dict[tuple[str, str], dict[str, float]] = {}
-    for dataset, vision, language in data.pretrained_pairs():
-        top1 = imagenet_top1(vision)
-        if top1 is not None and _of(data["selected"], dataset, vision, language):
-            groups.setdefault((dataset, language), {})[vision] = top1
     stated = dict(
         rule="calibrated score strictly increasing with ImageNet top-1 accuracy at both "
         "selections; significant when every member beats its permutation null "
@@ -365,8 +375,9 @@ def size_series_findings(data: ReportData) -> list[Finding]:
         controls="the permutation null of each pair (calibration); no random-init control "
         "enters the series",
     )
-    for (dataset, language), series in sorted(groups.items()):
-        order = sorted(series, key=lambda v: (series[v], v))
+    for (dataset, language), members in size_series(data).items():
+        series = {vision: top1 for top1, vision in members}
+        order = [vision for _, vision in members]
         key = dict(dataset=dataset, vision_model=" < ".join(order), language_model=language)
         if len(order) < 3:
             out.append(
@@ -422,7 +433,7 @@ def size_series_findings(data: ReportData) -> list[Finding]:
             )
             continue
         holds = all(verdicts)
-        significant, why = _significance([t for t in tests if t])
+        significant, why = _significance(tests)
         text = f"{metric}: " + "; ".join(parts) + f"; {why}"
         out.append(
             Finding(
@@ -649,13 +660,6 @@ def _direction_order(r: dict) -> tuple:
     return (DIRECTIONS.index(d) if d in DIRECTIONS else len(DIRECTIONS), d)
 
 
-def kind_order(kind: str | None) -> tuple:
-    """Trial kinds in ``TRIAL_KINDS`` order, others by name, trials without a kind last."""
-    if kind in TRIAL_KINDS:
-        return (0, TRIAL_KINDS.index(kind), "")
-    return (1, 0, kind) if kind is not None else (2, 0, "")
-
-
 def _fc_name(kind: str | None) -> str:
     return "forced_choice" if kind is None else f"forced_choice/{kind}"
 
@@ -688,7 +692,7 @@ def forced_choice_findings(
                 **key,
             )
         ]
-    kinds = sorted({r["trial_kind"] for r in mine}, key=kind_order)
+    kinds = sorted({r["trial_kind"] for r in mine}, key=trial_kind_order)
     controls = [
         r
         for r in data["forced_choice"]

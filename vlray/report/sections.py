@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlray.items import TOP_QUARANTINE_REASONS
+from vlray.items import TOP_QUARANTINE_REASONS, trial_kind_order
 from vlray.report import plots
 from vlray.report.data import STUDY_TITLES, ReportData, deepest_rows, fmt, fmt_ci, fmt_p
 from vlray.report.findings import RETRIEVAL
@@ -474,7 +474,7 @@ def perturbation_section(data: ReportData, out: Path) -> Section:
 
 
 def forced_choice_section(data: ReportData, out: Path) -> Section:
-    from vlray.report.findings import _above_chance, _direction_order, _p_value, kind_order
+    from vlray.report.findings import _above_chance, _direction_order, _p_value
 
     if not data.has("forced_choice"):
         return _not_run("forced_choice")
@@ -493,7 +493,7 @@ def forced_choice_section(data: ReportData, out: Path) -> Section:
         dataset, vision, language = key
 
         def order(r: dict) -> tuple:
-            return (kind_order(r["trial_kind"]), _direction_order(r))
+            return (trial_kind_order(r["trial_kind"]), _direction_order(r))
 
         rows = sorted((r for r in groups[key] if r["selection"] == "deepest"), key=order)
         best = {
@@ -578,7 +578,7 @@ def forced_choice_section(data: ReportData, out: Path) -> Section:
 
 
 def calibrated_section(data: ReportData, out: Path) -> Section:
-    from vlray.report.findings import imagenet_top1, score_ci, score_of
+    from vlray.report.findings import SELECTIONS, score_ci, score_of, size_series
 
     if not data["selected"]:
         return _not_run("layerwise")
@@ -657,22 +657,13 @@ def calibrated_section(data: ReportData, out: Path) -> Section:
                 for r in sorted(by_pair[k], key=lambda r: r["selection"], reverse=True)
             ],
         )
-        # The size series: pretrained vision models with a known ImageNet accuracy, against
-        # each pretrained language model.
-        for language in sorted({k[2] for k in keys if not data.is_control(k[2])}):
-            members = sorted(
-                (
-                    (top1, k[1])
-                    for k in keys
-                    if k[2] == language
-                    and not data.is_control(k[1])
-                    and (top1 := imagenet_top1(k[1])) is not None
-                ),
-            )
-            if len(members) < 2:
+        # The size series (the findings' own) of each pretrained language model, from two
+        # members on: a figure shows a pair of models already.
+        for (series_dataset, language), members in size_series(data, metric).items():
+            if series_dataset != dataset or len(members) < 2:
                 continue
             series = {}
-            for selection in ("deepest", "best"):
+            for selection in SELECTIONS:
                 points = []
                 for top1, vision in members:
                     r = next(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from vlray.errors import VlrayError
-from vlray.items import EXTRA_TABLES, ITEMS_SCHEMA, QUARANTINE_SCHEMA, quarantine_table
+from vlray.items import EXTRA_TABLES, ITEMS_SCHEMA, QUARANTINE_SCHEMA, fit_schema, quarantine_table
 
 
 class SourceError(VlrayError, ValueError):
@@ -122,14 +122,9 @@ def _normalise(source: str, dataset: str, out: object) -> SourceOutput:
             raise SourceError(
                 f"{where} returned an unknown table '{name}' (known: {', '.join(EXTRA_TABLES)})"
             )
-        schema = EXTRA_TABLES[name]
-        # A column added to the schema since the source was written (a trial's ``kind``)
-        # is null where the source does not give it, if the schema allows null there.
-        for f in schema:
-            if f.name not in table.column_names and f.nullable:
-                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
         try:
-            tables[name] = table.select(schema.names).cast(schema)
+            # a column added since the source was written (a trial's kind) is null
+            tables[name] = fit_schema(table, EXTRA_TABLES[name])
         except (KeyError, ValueError, pa.ArrowException) as err:
             problem = f"{where}: its '{name}' table does not fit the schema: {err}"
             raise SourceError(problem) from None

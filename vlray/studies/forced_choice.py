@@ -30,7 +30,7 @@ from scipy.stats import binomtest
 
 from vlray import metrics
 from vlray.embeddings import LayerStack
-from vlray.items import TRIAL_KINDS
+from vlray.items import trial_kind_order
 from vlray.results import Condition, score_row
 
 from .inputs import SmallN, StudyInputs, StudySkipped
@@ -121,19 +121,12 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
                 raise StudySkipped(f"fewer than 3 training pairs left outside fold {f}")
             hits[rows_held] = _fold_hits(own.map, held, side, train, layer_pairs)
         kinds = [kind for *_, kind in kept]
-        for kind in sorted(set(kinds), key=_kind_order):
+        for kind in sorted(set(kinds), key=trial_kind_order):
             mine = np.array([k == kind for k in kinds])
             chance = float(np.mean([1.0 / len(t[1]) for t in kept if t[3] == kind]))
             condition = Condition(direction=direction, trial_kind=kind)
             rows += _accuracy_rows(hits[mine], chance, condition, layer_pairs, options, where)
     return rows
-
-
-def _kind_order(kind: str | None) -> tuple:
-    """TRIAL_KINDS' order, then other kinds by name, then trials without a kind."""
-    if kind in TRIAL_KINDS:
-        return (0, TRIAL_KINDS.index(kind), "")
-    return (1, 0, kind) if kind is not None else (2, 0, "")
 
 
 def _accuracy_rows(

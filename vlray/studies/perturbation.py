@@ -64,11 +64,16 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
     pairs = {NO_PERTURBATION: inputs.pairs()}
     pairs |= {p: inputs.pairs(image_perturbation=p) for p in image_side}
     pairs |= {p: inputs.pairs(text_perturbation=p) for p in text_side}
-    # each text perturbation's like-for-like baseline: the same captions, unperturbed
-    baselines = {(p, "baseline"): inputs.pairs(captions_of=p) for p in text_side}
+    # A text perturbation that only some captions have gets a like-for-like baseline: the same
+    # captions, unperturbed (the stacks are loaded: these pairings read nothing more).
+    every = set(inputs.pairing().caption_ids)
+    partial = [
+        p for p in text_side if set(inputs.pairing(text_perturbation=p).caption_ids) != every
+    ]
+    baselines = {(p, "baseline"): inputs.pairs(captions_of=p) for p in partial}
     common = _common({**pairs, **baselines})
     pairs = {name: common[name] for name in pairs}
-    baselines = {p: common[(p, "baseline")][1] for p in text_side}
+    baselines = {p: common[(p, "baseline")][1] for p in partial}
     v0, t0 = pairs[NO_PERTURBATION]
     n = len(v0.item_ids)
     if n < 3:
@@ -108,7 +113,7 @@ def run(inputs: StudyInputs, run_id: str) -> list[dict]:
             if name == NO_PERTURBATION:
                 continue
             image_changed = name in image_side
-            t_base = t0 if image_changed else baselines[name]
+            t_base = baselines.get(name, t0)
             xs = [v0.layers[i], v.layers[i]] if image_changed else [v0.layers[i]]
             ys = [t0.layers[j]] if image_changed else [t_base.layers[j], t.layers[j]]
             if n_boot:

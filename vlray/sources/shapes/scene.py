@@ -60,10 +60,7 @@ class SceneObject:
 
     def moved_by(self, dx: int, dy: int) -> SceneObject:
         """The object shifted by (dx, dy) pixels, its box redrawn; size and rotation kept."""
-        x, y = round(self.x + dx, 2), round(self.y + dy, 2)
-        return replace(
-            self, x=x, y=y, bbox=geometry.bbox(self.shape, self.radius, self.rotation, x, y)
-        )
+        return self.moved_to(self.x + dx, self.y + dy)
 
     def moved_to(self, x: float, y: float) -> SceneObject:
         """The object centred on (x, y) (rounded to 0.01), its box redrawn; all else kept."""
